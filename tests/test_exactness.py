@@ -1,0 +1,140 @@
+"Property tests: every context, granularity and target zeros exactly the promised number of groups."
+import math, warnings
+import pytest, torch, torch.nn as nn
+from hypothesis import given, settings, strategies as st, HealthCheck
+from fastsparse.sparsifier import Sparsifier, select_keep, ScoreFn
+from fastsparse.granularity import available_granularities, granularity_dims, group_shape, n_groups
+from fastsparse.criteria import large_final, random, small_final
+from fastsparse.nm import is_nm
+
+SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+def _pruned_groups(m, dims):
+    "groups whose weights are all zero (a pruned group)"
+    w = m.weight.detach()
+    z = (w == 0)
+    return int(z.all(dim=dims, keepdim=True).sum()) if dims else int(z.sum())
+
+@st.composite
+def conv_or_linear(draw):
+    kind = draw(st.sampled_from(['linear', 'conv1d', 'conv2d', 'conv3d', 'convt2d']))
+    o, i = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    k = draw(st.integers(1, 3))
+    torch.manual_seed(draw(st.integers(0, 10_000)))
+    m = {'linear': lambda: nn.Linear(i, o), 'conv1d': lambda: nn.Conv1d(i, o, k),
+         'conv2d': lambda: nn.Conv2d(i, o, k), 'conv3d': lambda: nn.Conv3d(i, o, k),
+         'convt2d': lambda: nn.ConvTranspose2d(i, o, k)}[kind]()
+    if draw(st.booleans()):  # a layer that already holds zeros (ties at 0)
+        with torch.no_grad(): m.weight[torch.rand_like(m.weight) < draw(st.floats(0, 0.9))] = 0
+    if draw(st.booleans()):  # heavy ties: few distinct values
+        with torch.no_grad(): m.weight.copy_(torch.randint(-2, 3, m.weight.shape).float())
+    return m
+
+@given(m=conv_or_linear(), data=st.data())
+@settings(**SETTINGS)
+def test_local_exact(m, data):
+    g = data.draw(st.sampled_from(available_granularities(m)))
+    s = data.draw(st.floats(0, 1))
+    model = nn.Sequential(m)
+    sp = Sparsifier(model, g, 'local', large_final, layer_type=type(m))
+    dims = granularity_dims(m, g)
+    G = n_groups(m.weight.shape, dims)
+    sp.sparsify_model(s)
+    mask = sp.masks['0.weight']
+    pruned_groups = int((~mask).all(dim=dims, keepdim=True).sum()) if dims else int((~mask).sum())
+    assert pruned_groups == round(s * G)
+    assert (m.weight[~mask] == 0).all()
+
+@given(data=st.data())
+@settings(**SETTINGS)
+def test_global_exact(data):
+    n_layers = data.draw(st.integers(1, 4))
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    layers = [nn.Linear(data.draw(st.integers(1, 20)), data.draw(st.integers(1, 20))) for _ in range(n_layers)]
+    if data.draw(st.booleans()):
+        with torch.no_grad():
+            for l in layers: l.weight.copy_(torch.randint(0, 3, l.weight.shape).float())  # ties across layers
+    model = nn.Sequential(*layers)
+    g = data.draw(st.sampled_from(['weight', 'row', 'column']))
+    s = data.draw(st.floats(0, 1))
+    crit = data.draw(st.sampled_from([large_final, random, small_final]))
+    sp = Sparsifier(model, g, 'global', crit, layer_type=nn.Linear)
+    sp.sparsify_model(s)
+    total, pruned = 0, 0
+    for n, l in sp.layers.items():
+        dims = sp.dims[n]; mask = sp.masks[f'{n}.weight']
+        total += n_groups(l.weight.shape, dims)
+        pruned += int((~mask).all(dim=dims, keepdim=True).sum()) if dims else int((~mask).sum())
+    assert pruned == round(s * total)
+
+@given(data=st.data())
+@settings(**SETTINGS)
+def test_dict_and_round_to(data):
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    model = nn.Sequential(nn.Conv2d(3, data.draw(st.integers(1, 16)), 3), nn.ReLU(), nn.Conv2d(data.draw(st.just(1)), 4, 1))
+    model[2] = nn.Conv2d(model[0].out_channels, 4, 1)
+    g = data.draw(st.sampled_from(['weight', 'filter', 'kernel', 'channel']))
+    r = data.draw(st.one_of(st.none(), st.integers(1, 5)))
+    targets = {'0': data.draw(st.floats(0, 1)), '2': data.draw(st.floats(0, 1))}
+    sp = Sparsifier(model, g, 'local')
+    sp.sparsify_model(targets, round_to=r)
+    for n, s in targets.items():
+        l = sp.layers[n]; dims = sp.dims[n]; mask = sp.masks[f'{n}.weight']
+        G = n_groups(l.weight.shape, dims)
+        pruned = int((~mask).all(dim=dims, keepdim=True).sum()) if dims else int((~mask).sum())
+        if r is None: assert pruned == round(s * G)
+        else:
+            assert (G - pruned) % r == 0 or G - pruned == G  # kept groups: a multiple of round_to (or all of them)
+            assert abs((G - pruned) - (G - round(s * G))) <= r
+
+@given(data=st.data())
+@settings(**SETTINGS)
+def test_nm_exact(data):
+    n_, m_ = data.draw(st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)]))
+    i = m_ * data.draw(st.integers(1, 4))
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    model = nn.Sequential(nn.Linear(i, data.draw(st.integers(1, 8))), nn.Conv2d(i, 3, data.draw(st.integers(1, 3))))
+    sp = Sparsifier(model, nm=(n_, m_), layer_type=(nn.Linear, nn.Conv2d))
+    frac = data.draw(st.floats(0, 1))
+    sp.sparsify_model(frac * (1 - n_ / m_))
+    for n, l in sp.layers.items():
+        mask = sp.masks[f'{n}.weight']
+        cand = l.weight.numel() * (m_ - n_) // m_
+        assert int((~mask).sum()) == round(frac * cand)
+    sp.sparsify_model(1 - n_ / m_)
+    for n, l in sp.layers.items(): assert is_nm(l.weight, n_, m_, dim=1)
+
+def test_nm_warns_on_indivisible():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="'0'.*not divisible by 4"):
+        sp = Sparsifier(model, nm=True, layer_type=nn.Linear)
+    sp.sparsify_model(0.5)
+    rep = sp.sparsity_report().set_index('layer')
+    assert 'not divisible' in rep.loc['0', 'note'] and rep.loc['0', 'achieved'] == 0
+    assert rep.loc['1', 'achieved'] == 0.5
+
+def test_selection_beyond_2_24():
+    "2^24 + 3 scores with a float-count trap: exactness must not depend on float32 counting"
+    n = (1 << 24) + 3
+    s = torch.zeros(n); s[::2] = 1.0  # massive ties
+    fns = [ScoreFn(lambda: s, n)]
+    for k in [1, n // 2, (1 << 24) + 1]:
+        keep = select_keep(fns, k)[0]
+        assert int((~keep).sum()) == k
+        # ties by position: the first k lowest (zeros, in index order) are pruned
+        zeros_pruned = int((~keep[1::2]).sum())
+        assert zeros_pruned == min(k, n // 2)
+
+@pytest.mark.slow
+def test_selection_beyond_2_31():
+    "130 virtual layers of 2^24 scores (2.18e9 > 2^31) generated on the fly: exact global count"
+    L, n = 130, 1 << 24
+    def make(i):
+        def f():
+            g = torch.Generator().manual_seed(i)
+            return torch.rand(n, generator=g)
+        return ScoreFn(f, n)
+    fns = [make(i) for i in range(L)]
+    k = round(0.9 * L * n)
+    keeps = select_keep(fns, k)
+    assert sum(int((~kp).sum()) for kp in keeps) == k
