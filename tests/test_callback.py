@@ -1,0 +1,197 @@
+"End-to-end checks of SparsifyCallback with real fastai training on scikit-learn's digits."
+import hashlib, warnings
+from functools import partial
+import pytest, torch, torch.nn as nn
+from fastai.basics import Learner, Callback, Adam, SGD, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
+from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
+from fastai.callback.tracker import SaveModelCallback
+from fastsparse.callback import SparsifyCallback, MaskHolder, opt_states
+from fastsparse.schedule import lin, iterative, one_shot, agp, Schedule, sched_lin
+from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
+from fastsparse.nm import is_nm
+
+def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = model if model is not None else digits_cnn(8)
+    return Learner(digits_dls(shuffle=shuffle), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
+
+def mask_hash(sp):
+    h = hashlib.sha256()
+    for k in sorted(sp.masks): h.update(k.encode()); h.update(sp.masks[k].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+class Trace(Callback):
+    "Record, after every epoch, the mask hash and sparsity of the SparsifyCallback"
+    order = SparsifyCallback.order + 1
+    def __init__(self): self.rows = []
+    def after_epoch(self):
+        cb = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback)][0]
+        self.rows.append((self.epoch, mask_hash(cb.sp), cb.current_sparsity()))
+
+class CheckMasks(Callback):
+    "After every optimizer step: masked weights and optimizer state are exactly zero"
+    order = SparsifyCallback.order + 1
+    def before_fit(self): self.n = 0
+    def after_step(self):
+        holder = [c for c in self.learn.cbs if isinstance(c, MaskHolder)][0]
+        for name, mask in holder.masks.items():
+            p = self.learn.model.get_parameter(name)
+            assert (p[~mask] == 0).all(), name
+            for v in opt_states(self.learn.opt, p): assert (v[~mask] == 0).all(), name
+        self.n += 1
+
+def test_resume_reproduces_trajectory(tmp_path):
+    kw = dict(sparsity=0.8, granularity='weight', context='global', schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    a_trace = Trace()
+    a = learner(cbs=[SparsifyCallback(**kw)], shuffle=False, path=tmp_path)
+    a.fit_one_cycle(4, 1e-2, cbs=[a_trace, SaveModelCallback(every_epoch=True, with_opt=True, fname='ck')])
+    b_trace = Trace()
+    b = learner(cbs=[SparsifyCallback(**kw)], shuffle=False, path=tmp_path, seed=123)  # other init: load must override
+    b.load('ck_1', with_opt=True)
+    b.fit_one_cycle(4, 1e-2, start_epoch=2, cbs=[b_trace])
+    assert [r for r in a_trace.rows if r[0] >= 2] == [r for r in b_trace.rows if r[0] >= 2]
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    # a checkpoint saved mid-fit carries the masks; after fit the state dict is plain
+    assert any(k.startswith('_fastsparse.') for k in torch.load(tmp_path/'models'/'ck_1.pth', weights_only=False)['model'])
+    assert set(a.model.state_dict()) == set(digits_cnn(8).state_dict())
+
+def test_export_and_load_learner(tmp_path):
+    learn = learner(cbs=[SparsifyCallback(0.7, 'filter', 'local', schedule=one_shot)], path=tmp_path)
+    learn.fit(1, 1e-3)
+    learn.export('export.pkl')
+    learn2 = load_learner(tmp_path/'export.pkl')
+    x = learn.dls.valid.one_batch()[0]
+    learn.model.eval(); learn2.model.eval()
+    assert torch.equal(learn.model(x), learn2.model(x))
+    fresh = digits_cnn(8); fresh.load_state_dict(learn.model.state_dict(), strict=True)
+
+@pytest.mark.parametrize('mode', ['to_bf16', 'to_fp16'])
+def test_mixed_precision_masks_hold(mode):
+    chk = CheckMasks()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # fastai's AMP warns that CUDA is absent on CPU
+        learn = getattr(learner(cbs=[SparsifyCallback(0.9, schedule=lin), chk]), mode)()
+        learn.fit(1, 1e-3)
+    assert chk.n == len(learn.dls.train)
+    rep = learn.sparsity_report.set_index('layer')
+    for n, row in rep.drop('total').iterrows(): assert row.zeros == round(0.9 * row.params)
+
+class SkipSteps(Callback):
+    "Cancel optimizer steps 3..7 as a grad scaler does on inf/NaN (same exception, before our callback)"
+    order = SparsifyCallback.order - 1
+    def before_fit(self): self.i = 0
+    def before_step(self):
+        self.i += 1
+        if 3 <= self.i <= 7: raise CancelStepException()
+
+def test_skipped_steps_do_not_move_schedule():
+    cb = SparsifyCallback(0.9, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    learn = learner(cbs=[cb, SkipSteps()])
+    learn.fit(2, 1e-3)
+    n_iter = len(learn.dls.train)
+    # the position of an update counts only the steps that happened
+    last = cb.history[-2]
+    assert last['pct'] <= (2 * n_iter - 5) / (2 * n_iter) + 1e-12
+    for n, m in cb.sp.layers.items(): assert int((m.weight == 0).sum()) == round(0.9 * m.weight.numel())
+
+def test_lottery_ticket_rewind(tmp_path):
+    torch.manual_seed(0)
+    model = digits_cnn(8)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = SparsifyCallback(0.8, schedule=iterative, lth=True, rewind_epoch=0, reset_end=True, save_tickets=True)
+    learn = learner(model=model, cbs=[cb], path=tmp_path)
+    learn.fit(3, 1e-2)
+    sd = learn.model.state_dict()
+    for n in cb.sp.layers:
+        mask = cb.sp.masks[f'{n}.weight']
+        assert torch.equal(sd[f'{n}.weight'][mask], init[f'{n}.weight'][mask])  # survivors rewound to init
+        assert (sd[f'{n}.weight'][~mask] == 0).all()
+    assert torch.equal(sd['1.running_mean'], init['1.running_mean'])  # BatchNorm statistics rewound too
+    assert len(list((tmp_path/'models').glob('ticket_*.pth'))) >= 3
+
+def test_rewind_after_schedule_start_is_an_error():
+    learn = learner(cbs=[SparsifyCallback(0.5, schedule=lin.with_pcts(0.2, 1.), lth=True, rewind_epoch=2)])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match='rewind_epoch=2 comes after the schedule starts'):
+        learn.fit(5, 1e-3)
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k])
+
+def test_gradual_nm():
+    cb = SparsifyCallback(0.5, nm=True, schedule=lin, layer_type=nn.Linear, exclude='5')
+    learn = learner(model=digits_mlp(64), cbs=[cb])
+    learn.fit(2, 1e-3)
+    s = [h['sparsity'] for h in cb.history]
+    assert s == sorted(s) and len(s) > 3  # reached gradually
+    for n, m in cb.sp.layers.items(): assert is_nm(m.weight, 2, 4, dim=1)
+
+@pytest.mark.parametrize('crit', ['taylor', 'wanda', 'random', 'movement', 'updating_magnitude_increase'])
+def test_criteria_through_callback(crit):
+    cb = SparsifyCallback(0.75, 'weight', 'global', crit, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    learn = learner(cbs=[cb, CheckMasks()])
+    learn.fit(1, 1e-3)
+    N = sum(m.weight.numel() for m in cb.sp.layers.values())
+    assert sum(int((~cb.sp.masks[f'{n}.weight']).sum()) for n in cb.sp.layers) == round(0.75 * N)
+
+def test_dict_targets_exact():
+    targets = {'0': 0.5, '3': 80, '12': 0.25}  # a Linear head, a percentage, a fraction
+    cb = SparsifyCallback(targets, schedule=agp)
+    learn = learner(cbs=[cb])
+    learn.fit(1, 1e-3)
+    rep = cb.report.set_index('layer')
+    for n, t in {'0': 0.5, '3': 0.8, '12': 0.25}.items():
+        assert rep.loc[n, 'zeros'] == round(t * rep.loc[n, 'params'])
+
+def test_updates_only_when_counts_change():
+    cb = SparsifyCallback(0.5, 'filter', schedule=lin, layer_type=nn.Linear)
+    learn = learner(model=digits_mlp(16), cbs=[cb])
+    learn.fit(2, 1e-3)
+    # 16, 16 and 10 rows: the pruned-row counts change at most 8 + 8 + 5 times over 44 steps
+    assert len(cb.history) <= 21
+    cb2 = SparsifyCallback(0.5, schedule=lin, layer_type=nn.Linear, update_every='epoch')
+    learn = learner(model=digits_mlp(16), cbs=[cb2])
+    learn.fit(3, 1e-3)
+    assert len(cb2.history) == 3
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(sparsity=1.5e2), 'out of range'),
+    (dict(sparsity=float('nan')), 'NaN'),
+    (dict(sparsity=0.5, granularity='filters'), "Did you mean 'filter'"),
+    (dict(sparsity=0.5, context='globall'), "context='globall'"),
+    (dict(sparsity=0.5, criteria='magnitude'), "criteria='magnitude'"),
+    (dict(sparsity=0.5, schedule='agpp'), 'agp'),
+    (dict(sparsity=0.5, update_every=0), 'update_every=0'),
+    (dict(sparsity=0.5, rewind_epoch=-1), 'rewind_epoch=-1'),
+    (dict(sparsity=0.5, reset_end=True), 'need lth=True'),
+    (dict(sparsity={'0': 0.5}, context='global'), "needs context='local'"),
+    (dict(sparsity=0.5, nm=(4, 2)), 'nm'),
+    (dict(sparsity=0.5, round_to=0), 'round_to=0'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match): SparsifyCallback(**kwargs)
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(sparsity=0.5, granularity='kernel', layer_type=nn.Linear), "not available for Linear"),
+    (dict(sparsity=0.5, layer_type=nn.Conv1d), 'select no layer'),
+    (dict(sparsity={'conv1': 0.3}), 'matches no layer'),
+])
+def test_layer_errors_before_any_weight_is_touched(kwargs, match):
+    learn = learner(cbs=[SparsifyCallback(**kwargs)])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match=match): learn.fit(1, 1e-3)
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k])
+
+def test_invalid_schedule_window():
+    with pytest.raises(ValueError, match='start_pct'): Schedule(sched_lin, 0.8, 0.2)
+    with pytest.raises(ValueError, match='end_pct'): Schedule(sched_lin, 0., 1.5)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_fp16_gpu_masks_hold():
+    chk = CheckMasks()
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(device=torch.device('cuda')), digits_cnn(8), loss_func=CrossEntropyLossFlat(),
+                    cbs=[SparsifyCallback(0.9, schedule=lin), chk]).to_fp16()
+    learn.fit(2, 1e-2)
+    assert chk.n > 0
