@@ -2,7 +2,7 @@
 import hashlib, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
-from fastai.basics import Learner, Callback, Adam, SGD, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner
+from fastai.basics import Learner, Callback, Adam, SGD, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner, set_seed
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
 from fastai.callback.tracker import SaveModelCallback
@@ -12,7 +12,7 @@ from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.nm import is_nm
 
 def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
-    torch.manual_seed(seed)
+    set_seed(seed, reproducible=True)
     model = model if model is not None else digits_cnn(8)
     return Learner(digits_dls(shuffle=shuffle), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
 

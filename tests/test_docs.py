@@ -1,0 +1,129 @@
+"""The docs site: built from the notebooks, served locally, every page opened in headless Chromium.
+
+`make test` builds the site just before pytest (`tools/docs.py execute` + `build`); run alone, this test
+builds it first when it is missing or was built from other notebooks. Chromium and chromedriver come from Debian
+(`tools/install.sh`); without them the test is skipped, unless `CI` is set, where that is a failure."""
+import importlib, importlib.util, inspect, os, shutil, subprocess, sys, tempfile, threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM, DRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'
+_spec = importlib.util.spec_from_file_location('_fastsparse_docs', ROOT/'tools'/'docs.py')
+docs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(docs)
+
+@pytest.fixture(scope='module')
+def site():
+    if not docs.site_is_current():   # missing, or built from other notebooks than these
+        for step in ('execute', 'build'):
+            r = subprocess.run([sys.executable, str(ROOT/'tools'/'docs.py'), step], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, f"tools/docs.py {step} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return docs.SITE
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+@pytest.fixture(scope='module')
+def server(site):
+    httpd = ThreadingHTTPServer(('127.0.0.1', 0), partial(_Quiet, directory=str(site)))
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    httpd.shutdown(); httpd.server_close()
+
+@pytest.fixture(scope='module')
+def browser():
+    missing = [p for p in (CHROMIUM, DRIVER) if not Path(p).exists()]
+    try: from selenium import webdriver
+    except ImportError: missing.append('selenium')
+    if missing:
+        msg = f"docs browser test needs {', '.join(missing)} (tools/install.sh installs them)"
+        if os.environ.get('CI'): pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix='fastsparse-chromium-')
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+              '--disable-background-networking', '--disable-component-update', '--disable-sync',
+              '--disable-dev-shm-usage', '--window-size=1280,1000', f'--user-data-dir={profile}'):
+        opts.add_argument(a)
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)   # explicit paths: selenium-manager downloads nothing
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+def _param_names(obj):
+    try: ps = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError): return []
+    return ps[1:] if ps and ps[0] in ('self', 'cls') else ps
+
+def _has_params(obj):
+    "Whether the documentation of `obj` owes a parameter table: it is callable with at least one parameter"
+    return callable(obj) and bool(_param_names(obj))
+
+# For each rendered `show_doc` block: its symbol, whether it is visible, its heading, the first column of its first table
+_DOCS_JS = """
+return Array.from(document.querySelectorAll('div.fs-doc')).map(d => {
+  const h = d.querySelector('h3, h4'), t = d.querySelector('table');
+  const r = d.getBoundingClientRect();
+  return {symbol: d.dataset.symbol, visible: r.width > 0 && r.height > 0 && getComputedStyle(d).visibility !== 'hidden',
+          heading: h ? h.textContent : '',
+          params: t ? Array.from(t.querySelectorAll('tbody tr td:first-child')).map(c => c.textContent.trim()) : null};
+});"""
+
+def _open(browser, url):
+    browser.get(url)
+    logs = browser.get_log('browser')   # fetching also clears them for the next page
+    return [l for l in logs if l['level'] == 'SEVERE']
+
+PAGES = docs.pages()
+
+def test_every_notebook_has_a_page(site):
+    for nb, name, title, mod in PAGES: assert (site/f'{name}.html').exists(), f"no page for nbs/{nb.name}"
+    assert PAGES[0][1] == 'index', "nbs/index.ipynb (the home page) is missing"
+
+@pytest.mark.parametrize('nb,name,title,mod', PAGES, ids=[p[1] for p in PAGES])
+def test_page(browser, server, nb, name, title, mod):   # browser first: skip before building
+    from selenium.webdriver.common.by import By
+    errors = _open(browser, f'{server}/{name}.html')
+    problems = [f"console: {e['message']}" for e in errors]
+    h1 = browser.find_element(By.CSS_SELECTOR, '[role=main] h1').text
+    if not (title in h1 and title in browser.title): problems.append(f"title {browser.title!r} / h1 {h1!r} lacks {title!r}")
+    if mod:
+        m = importlib.import_module(f'fastsparse.{mod}')
+        shown = {d['symbol']: d for d in browser.execute_script(_DOCS_JS)}   # one round trip for the whole page
+        for sym in getattr(m, '__all__', []):
+            d = shown.get(sym)
+            if d is None: problems.append(f"{sym}: not documented"); continue
+            if not d['visible']: problems.append(f"{sym}: documentation hidden"); continue
+            if sym not in d['heading']: problems.append(f"{sym}: heading {d['heading']!r} lacks its name")
+            if _has_params(obj := getattr(m, sym)):
+                if d['params'] is None: problems.append(f"{sym}: no parameter table"); continue
+                names = [c.lstrip('*') for c in d['params']]
+                if miss := [p for p in _param_names(obj) if p not in names]:
+                    problems.append(f"{sym}: parameters {miss} missing from its table {names}")
+    if name == 'index':
+        out = ROOT/'_build'/'screenshots'
+        out.mkdir(parents=True, exist_ok=True)
+        h = browser.execute_script('return document.documentElement.scrollHeight')
+        browser.set_window_size(1280, min(max(h, 1000), 4000))   # the whole home page, within reason
+        browser.save_screenshot(str(out/'home.png'))
+        browser.set_window_size(1280, 1000)
+    assert not problems, f"{name}.html (from nbs/{nb.name}):\n  " + '\n  '.join(problems)
+
+def test_outputs_and_plots(site):
+    "Executed outputs are in the pages: each visible image output (a plot) is an image of the page, present in the site"
+    import re
+    for nb, name, *_ in PAGES:
+        ex = docs.read_nb(docs.EXEC/nb.name)
+        shown = lambda c: c['cell_type'] == 'code' and not ({'hide': '', 'output': 'false'}.items() & docs.split_directives(docs.cell_src(c))[0].items())
+        n_img = sum(any(k.startswith('image/') for k in o.get('data', {})) for c in ex['cells'] if shown(c) for o in c.get('outputs', []))
+        srcs = re.findall(r'<img src="([^"]+)"', (site/f'{name}.html').read_text())
+        srcs = [s for s in srcs if s.startswith(f'{name}_files/')]
+        assert len(srcs) == n_img, f"{name}.html shows {len(srcs)} output images, nbs/{nb.name} has {n_img}"
+        for s in srcs: assert (site/s).stat().st_size > 1000, f"{name}.html: {s} missing or empty"
