@@ -19,25 +19,12 @@ from fastsparse.export import (shrink, shrink_plan, shrinkable_layers, to_sparse
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
 pd.set_option('display.width', 200); pd.set_option('display.max_columns', 20); pd.set_option('display.max_colwidth', 60)
 
-class Block(nn.Module):
-    "A basic ResNet block: two 3x3 convolutions with BatchNorm, and a shortcut (a 1x1 conv when the shape changes)"
-    def __init__(self, ni, nf, stride=1):
-        super().__init__()
-        self.conv1,self.bn1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False),nn.BatchNorm2d(nf)
-        self.conv2,self.bn2 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False),nn.BatchNorm2d(nf)
-        self.down = None if stride == 1 and ni == nf else nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf))
-    def forward(self, x):
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(h + (x if self.down is None else self.down(x)))
+from fastsparse.demo import small_resnet
 
 def resnet(widths=(32, 64, 128, 256), blocks=2, n_out=10):
     "A CIFAR-style ResNet (ResNet-18 layout at the given widths)"
     torch.manual_seed(0)
-    layers,ni = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()],widths[0]
-    for i,w in enumerate(widths):
-        for j in range(blocks):
-            layers.append(Block(ni, w, 2 if (i > 0 and j == 0) else 1)); ni = w
-    m = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_out))
+    m = small_resnet(widths, blocks, in_channels=3, n_out=n_out)
     for bn in m.modules():  # BatchNorm statistics as after training
         if isinstance(bn, nn.BatchNorm2d):
             bn.running_mean.uniform_(-1, 1); bn.running_var.uniform_(.5, 2); nn.init.uniform_(bn.bias, -.5, .5)

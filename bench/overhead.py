@@ -5,7 +5,7 @@ Both libraries prune the conv layers with magnitude (`large_final`), local conte
 schedule from 0% to 50% of training; the second half is the steady state, where the masks are fixed
 and only their upkeep costs time. Per epoch we time the training phase alone; the overhead is the
 median steady-state epoch time divided by the dense run's, measured in the same process, runs
-interleaved (dense, fastsparse, fasterai) for each seed.
+interleaved for each seed (dense, fastsparse, fasterai, in an order that rotates with the seed).
 
     python bench/overhead.py                # 80/90/95/98%, 3 seeds
     python bench/overhead.py --quick        # one level, one seed, few epochs
@@ -44,7 +44,7 @@ def run(method, sparsity, seed, epochs, lr, size, width):
         warnings.simplefilter('ignore')
         learn.fit_one_cycle(epochs, lr)
     times = list(cbs[0].times)  # read before validate(), which fires before_fit again
-    acc = float(learn.validate()[1])
+    with contextlib.redirect_stdout(io.StringIO()): acc = float(learn.validate()[1])  # fasterai prints here too
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     steady = times[epochs // 2 + 1:]  # after the schedule ends (first steady epoch excluded)
@@ -68,7 +68,8 @@ def main():
     res = {}
     for lvl in levels:
         for seed in range(a.seeds):
-            for m in ('dense', 'fastsparse', 'fasterai'):
+            methods = ['dense', 'fastsparse', 'fasterai']
+            for m in methods[seed % 3:] + methods[:seed % 3]:  # rotate the order: no method always runs first
                 r = run(m, lvl, seed, a.epochs, a.lr, a.size, a.width)
                 res.setdefault((m, lvl), []).append(r)
                 print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f} steady epoch {r['steady']:.3f}s "

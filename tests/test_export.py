@@ -32,15 +32,7 @@ def plain_cnn(bias=False, seed=0):
         nn.Conv2d(32, 32, 3, padding=1, bias=bias), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32*4, 10)))
 
-class Block(nn.Module):
-    def __init__(self, ni, nf, stride=1):
-        super().__init__()
-        self.conv1,self.bn1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False),nn.BatchNorm2d(nf)
-        self.conv2,self.bn2 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False),nn.BatchNorm2d(nf)
-        self.down = None if stride == 1 and ni == nf else nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf))
-    def forward(self, x):
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(h + (x if self.down is None else self.down(x)))
+from fastsparse.demo import ResBlock as Block
 
 class TinyResNet(nn.Module):
     def __init__(self, c=8):
