@@ -12,7 +12,7 @@ interleaved for each seed (dense, fastsparse, fasterai, in an order that rotates
 """
 import argparse, contextlib, io, statistics, sys, time, warnings
 import torch, torch.nn as nn
-from fastai.basics import Learner, Callback, CrossEntropyLossFlat, accuracy, defaults
+from fastai.basics import Learner, Callback, CrossEntropyLossFlat, accuracy, defaults, set_seed
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401
 from fastai.callback.progress import ProgressCallback
 from fastsparse.demo import digits_dls, digits_cnn
@@ -26,11 +26,13 @@ class EpochTimer(Callback):
     def before_train(self): self._t = time.perf_counter()
     def after_train(self): self.times.append(time.perf_counter() - self._t)
 
-def run(method, sparsity, seed, epochs, lr, size, width):
-    torch.manual_seed(seed)
+def run(method, sparsity, seed, epochs, lr, size, width, first_dense=False):
+    set_seed(seed, reproducible=True)  # torch, numpy and python's random (fastai's shuffling): paired runs per seed
     dls = digits_dls(bs=64, size=size, seed=42)
     model = digits_cnn(width)
     cbs = [EpochTimer()]
+    if first_dense:  # the 288-weight first conv stays dense in both libraries: equal kept counts elsewhere
+        sparsity = {n: sparsity for n,m in model.named_modules() if isinstance(m, nn.Conv2d) and n != '0'}
     if method == 'fastsparse':
         cbs.append(SparsifyCallback(sparsity, 'weight', 'local', 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d))
     elif method == 'fasterai':
@@ -60,6 +62,7 @@ def main():
     ap.add_argument('--width', type=int, default=32)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--first-dense', action='store_true', help='keep the first conv dense in both libraries')
     a = ap.parse_args()
     if a.quick: a.levels, a.seeds, a.epochs = '0.9', 1, 4
     torch.set_num_threads(a.threads)
@@ -70,12 +73,12 @@ def main():
         for seed in range(a.seeds):
             methods = ['dense', 'fastsparse', 'fasterai']
             for m in methods[seed % 3:] + methods[:seed % 3]:  # rotate the order: no method always runs first
-                r = run(m, lvl, seed, a.epochs, a.lr, a.size, a.width)
+                r = run(m, lvl, seed, a.epochs, a.lr, a.size, a.width, a.first_dense)
                 res.setdefault((m, lvl), []).append(r)
                 print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f} steady epoch {r['steady']:.3f}s "
                       f"conv sparsity {r['sparsity']:.4f}", file=sys.stderr, flush=True)
     print(f"digits {a.size}x{a.size}, digits_cnn({a.width}), {a.epochs} epochs, one-cycle lr {a.lr}, AGP over 0-50%, "
-          f"{a.seeds} seeds, {a.threads} threads")
+          f"{a.seeds} seeds, {a.threads} threads" + (", first conv dense in both" if a.first_dense else ''))
     print(f"{'sparsity':>8} | {'dense acc':>9} | {'fastsparse acc':>14} | {'fasterai acc':>12} | "
           f"{'fastsparse time/dense':>21} | {'fasterai time/dense':>19}")
     for lvl in levels:
