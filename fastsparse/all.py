@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #16c2edb0
+# %% ../nbs/99_all.ipynb #5c3342b6
 from .granularity import *
 from .criteria import *
 from .schedule import *
@@ -20,4 +20,4 @@ from .regularize import *
 from .report import *
 from .distributed import *
 from .demo import digits_data, digits_dls, digits_cnn, digits_mlp
-__all__ = [_n for _n in globals() if not _n.startswith('_') and _n != 'logger']  # re-export everything imported above
+__all__ = [_n for _n in globals() if not _n.startswith('_')]  # re-export everything imported above

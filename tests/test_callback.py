@@ -2,7 +2,7 @@
 import hashlib, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
-from fastai.basics import Learner, Callback, Adam, SGD, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner, set_seed
+from fastai.basics import Learner, Callback, Adam, SGD, OptimWrapper, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner, set_seed
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
 from fastai.callback.tracker import SaveModelCallback
@@ -29,17 +29,20 @@ class Trace(Callback):
         cb = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback)][0]
         self.rows.append((self.epoch, mask_hash(cb.sp), cb.current_sparsity()))
 
+def check_masks(cb):
+    "Masked weights and their optimizer state are exactly zero; count the check"
+    holder = [c for c in cb.learn.cbs if isinstance(c, MaskHolder)][0]
+    for name, mask in holder.masks.items():
+        p = cb.learn.model.get_parameter(name)
+        assert (p[~mask] == 0).all(), name
+        for v in opt_states(cb.learn.opt, p): assert (v[~mask] == 0).all(), name
+    cb.n += 1
+
 class CheckMasks(Callback):
     "After every optimizer step: masked weights and optimizer state are exactly zero"
     order = SparsifyCallback.order + 1
     def before_fit(self): self.n = 0
-    def after_step(self):
-        holder = [c for c in self.learn.cbs if isinstance(c, MaskHolder)][0]
-        for name, mask in holder.masks.items():
-            p = self.learn.model.get_parameter(name)
-            assert (p[~mask] == 0).all(), name
-            for v in opt_states(self.learn.opt, p): assert (v[~mask] == 0).all(), name
-        self.n += 1
+    def after_step(self): check_masks(self)
 
 def test_resume_reproduces_trajectory(tmp_path):
     kw = dict(sparsity=0.8, granularity='weight', context='global', schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
@@ -195,3 +198,56 @@ def test_fp16_gpu_masks_hold():
                     cbs=[SparsifyCallback(0.9, schedule=lin), chk]).to_fp16()
     learn.fit(2, 1e-2)
     assert chk.n > 0
+
+# --- the per-step re-zero: skipped only when a step provably cannot move a zero ---
+from fastai.basics import RAdam, ranger
+from fastsparse.callback import step_can_move_zeros
+from fastsparse.regularize import RegularizeCallback
+
+class CheckAfterBatch(Callback):
+    "The same check after every training batch: `after_batch` does not count as writing weights, so the re-zero may be skipped"
+    def before_fit(self): self.n = 0
+    def after_batch(self):
+        if self.training: check_masks(self)
+
+class Push(Callback):
+    "Writes every conv weight after the step, before our callback looks: only the re-zero can undo it"
+    order = SparsifyCallback.order - 1
+    @torch.no_grad()
+    def after_step(self):
+        for m in self.learn.model.modules():
+            if isinstance(m, nn.Conv2d): m.weight.add_(0.5)
+
+def _fit(opt_func=Adam, extra=(), **kw):
+    cb, chk = SparsifyCallback(0.8, schedule=lin), CheckAfterBatch()
+    learn = learner(cbs=[cb, chk, *extra], opt_func=opt_func)
+    learn.fit(1, 1e-3, **kw)
+    assert chk.n == len(learn.dls.train)  # masks held after every batch
+    return cb
+
+@pytest.mark.parametrize('name,opt_func,kw', [
+    ('Adam', Adam, {}), ('Adam L2', partial(Adam, decouple_wd=False), dict(wd=0.1)), ('RAdam', RAdam, {}),
+    ('torch AdamW', partial(OptimWrapper, opt=partial(torch.optim.AdamW, weight_decay=0.1)), {})])
+def test_rezero_skipped_for_known_optimizers(name, opt_func, kw):
+    assert _fit(opt_func, **kw)._rezero is False
+
+@pytest.mark.parametrize('case', ['ranger', 'clamp', 'push', 'user_step'])
+def test_rezero_kept_when_a_step_could_move_zeros(case):
+    opt_func, extra = Adam, []
+    if case == 'ranger': opt_func = ranger  # Lookahead: slow weights live outside the optimizer state
+    if case == 'clamp': extra = [RegularizeCallback(target=0.01, strength=1e-4, clamp=(0.01, 1.))]  # clamps zeros up to 0.01 after the step
+    if case == 'push': extra = [Push()]
+    if case == 'user_step': extra = [type('UserCb', (Callback,), {'after_step': lambda self: None})()]
+    cb = _fit(opt_func, extra)
+    assert cb._rezero is True
+    rep = cb.report.set_index('layer').drop('total')
+    assert (rep.zeros == (0.8 * rep.params).round()).all()
+
+def test_step_can_move_zeros_without_optimizer():
+    learn = learner()
+    assert step_can_move_zeros(learn, []) is True  # no optimizer yet: nothing is known
+    learn.create_opt()
+    assert step_can_move_zeros(learn, list(learn.model.parameters())) is False
+    assert step_can_move_zeros(learn, [nn.Parameter(torch.zeros(3))]) is True  # not the optimizer's own parameter
+    learn = learner(opt_func=partial(Adam, eps=0.)); learn.create_opt()
+    assert step_can_move_zeros(learn, list(learn.model.parameters())) is True  # 0/(sqrt(0)+0) is NaN, not 0
