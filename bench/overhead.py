@@ -12,8 +12,13 @@ Two measures of the steady-state cost, each relative to the dense run of the sam
   On a shared 2-core machine this moves by several percent from run to run: each pair ends with
   the dense run again, and the summary says how far that lands from the first.
 - `callback/dense`: time spent inside the sparsifying callback itself, per steady batch (all of its
-  events, including fastai's dispatch to it), divided by dense's median batch time. This is the
-  overhead the callback adds, measured directly; it resolves differences well below 1%.
+  events, including fastai's dispatch to it), divided by dense's median batch time. It resolves
+  differences well below 1%, but it can't see a cost moved onto the optimizer step: the first op
+  that touches memory after backward is slow (~75 us here, even a one-element add), and whoever runs
+  first pays it -- our gradient mask, or fasterai's optimizer step.
+- `added`: the median time from the end of backward to the end of every callback's `after_step`
+  (callbacks, optimizer step, `zero_grad`), minus dense's, plus the callback's time in its other
+  events, over dense's median batch. This counts the optimizer's share too.
 
 `fastsparse@fasterai-counts` (with --matched) trains fastsparse with per-layer targets equal to
 the sparsity fasterai actually reached in the same pair: fasterai keeps one weight more per layer
@@ -32,12 +37,14 @@ from fastsparse.callback import SparsifyCallback
 from fastsparse.schedule import agp
 
 class BatchTimer(Callback):
-    "Wall time of every training batch, by epoch (runs first and last: order -100, events wrap the others)"
+    "Wall time of every training batch, and of its part after the backward pass, by epoch (order -100: first at each event)"
     order = -100
     def before_fit(self): self.times = []
     def before_batch(self): self._t = time.perf_counter()
-    def after_batch(self):
-        if self.learn.training: self.times.append((self.learn.epoch, time.perf_counter() - self._t))
+    def after_backward(self): self._b = time.perf_counter()  # backward done; no callback has run yet
+    def after_batch(self):  # every callback's after_step and the optimizer are done; no after_batch has run yet
+        t = time.perf_counter()
+        if self.learn.training: self.times.append((self.learn.epoch, t - self._t, t - self._b))
 
 def self_timed(cb, steady_from:int):
     "Make `cb` add up the time of its own training-batch events from epoch `steady_from` on"
@@ -49,12 +56,14 @@ def self_timed(cb, steady_from:int):
             dt = time.perf_counter() - t
             if self.learn.training and self.learn.epoch >= steady_from and event_name in _BATCH_EVENTS:
                 self.__dict__['_self_time'] += dt
-    cb.__dict__['_self_time'] = 0.
+                if event_name not in _SPAN_EVENTS: self.__dict__['_outside'] += dt
+    cb.__dict__['_self_time'] = cb.__dict__['_outside'] = 0.
     object.__setattr__(cb, '__class__', type(cls.__name__, (cls,), {'__call__': __call__}))
     return cb
 
 _BATCH_EVENTS = set("before_batch after_pred after_loss before_backward after_backward before_step after_step "
                     "after_cancel_step after_batch".split())
+_SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".split())  # inside the post-backward span
 
 def conv_zeros(model):
     return {n: int((m.weight == 0).sum()) for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -81,11 +90,13 @@ def run(method, sparsity, seed, a, matched=None):
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # fasterai prints; we don't
         warnings.simplefilter('ignore')
         learn.fit_one_cycle(a.epochs, a.lr)
-    steady = [t for e,t in cbs[0].times if e >= steady_from]  # read before validate(), which fires before_fit again
+    steady = [t for e,t,_ in cbs[0].times if e >= steady_from]  # read before validate(), which fires before_fit again
+    span = [t for e,_,t in cbs[0].times if e >= steady_from]
     with contextlib.redirect_stdout(io.StringIO()): acc = float(learn.validate()[1])  # fasterai prints here too
     zeros = conv_zeros(model)
     sizes = {n: m.weight.numel() for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
     return dict(acc=acc, batch=statistics.median(steady), cb=(cb.__dict__['_self_time'] / len(steady)) if cb else 0.,
+                span=statistics.median(span), outside=(cb.__dict__['_outside'] / len(steady)) if cb else 0.,
                 sparsity=sum(zeros.values()) / sum(sizes.values()), layer_sparsity={n: zeros[n] / sizes[n] for n in zeros})
 
 def main():
@@ -116,7 +127,7 @@ def main():
                 matched = res[('fasterai', lvl)][-1]['layer_sparsity'] if m == 'matched' else None
                 r = run({'matched': 'fastsparse', 'dense2': 'dense'}.get(m, m), lvl, seed, a, matched)
                 res.setdefault((m, lvl), []).append(r)
-                print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  batch {r['batch']*1e3:.2f} ms  "
+                print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  batch {r['batch']*1e3:.2f} ms  after-backward {r['span']*1e6:.0f} us  "
                       f"callback {r['cb']*1e6:.0f} us/batch  conv sparsity {r['sparsity']:.5f}", file=sys.stderr, flush=True)
     print(f"digits {a.size}x{a.size}, digits_cnn({a.width}), {a.epochs} epochs, one-cycle lr {a.lr}, AGP over 0-50%, "
           f"{a.seeds} seeds, {a.threads} threads" + (", first conv dense in both" if a.first_dense else ''))
@@ -142,6 +153,15 @@ def main():
           f"({pct(statistics.mean(fs_cb))} of a dense batch, max {pct(max(fs_cb))}), "
           f"fasterai {statistics.mean(r['cb'] for lvl in levels for r in res[('fasterai', lvl)])*1e6:.0f} us "
           f"({pct(statistics.mean(fai_cb))}, max {pct(max(fai_cb))}); fastsparse lower in {sum(f < g for f, g in zip(fs_cb, fai_cb))} of {len(fs_cb)} pairs")
+    # what the callback adds to a batch, the optimizer's share included: a callback that pays the first
+    # memory-touching op after backward makes the optimizer step that follows it faster, and vice versa
+    added = lambda m: [(r['span'] - d['span'] + r['outside']) / d['batch']
+                       for lvl in levels for r, d in zip(res[(m, lvl)], res[('dense', lvl)])]
+    fs_add, fai_add, d2_add = added('fastsparse'), added('fasterai'), added('dense2')
+    print(f"added per batch (after-backward span minus dense's, plus callback time elsewhere): "
+          f"fastsparse mean {pct(statistics.mean(fs_add))} (max {pct(max(fs_add))}), fasterai mean {pct(statistics.mean(fai_add))} "
+          f"(max {pct(max(fai_add))}), dense again {pct(statistics.mean(d2_add))}; "
+          f"fastsparse lower in {sum(f < g for f, g in zip(fs_add, fai_add))} of {len(fs_add)} pairs")
     for lvl in levels:
         fs, fai = res[('fastsparse', lvl)], res[('fasterai', lvl)]
         print(f"{lvl:.2f}: achieved conv sparsity fastsparse {fs[0]['sparsity']:.5f}, fasterai {fai[0]['sparsity']:.5f}; "
