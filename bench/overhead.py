@@ -13,8 +13,8 @@ Two measures of the steady-state cost, each relative to the dense run of the sam
   the dense run again, and the summary says how far that lands from the first.
 - `callback/dense`: time spent inside the sparsifying callback itself, per steady batch (all of its
   events, including fastai's dispatch to it), divided by dense's median batch time. It resolves
-  differences well below 1%, but it can't see a cost moved onto the optimizer step: the first op
-  that touches memory after backward is slow (~75 us here, even a one-element add), and whoever runs
+  differences well below 1%, but it can't see a cost moved onto the optimizer step: in profiling on
+  this machine the first op after backward was slow even for a one-element add, and whoever runs
   first pays it -- our gradient mask, or fasterai's optimizer step.
 - `added`: the median time from the end of backward to the end of every callback's `after_step`
   (callbacks, optimizer step, `zero_grad`), minus dense's, plus the callback's time in its other
