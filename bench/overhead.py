@@ -39,6 +39,7 @@ from fastsparse.schedule import agp
 class BatchTimer(Callback):
     "Wall time of every training batch, and of its part after the backward pass, by epoch (order -100: first at each event)"
     order = -100
+    can_move_zeros = False  # it only reads the clock: fastsparse needn't re-zero weights after each step on its account
     def before_fit(self): self.times = []
     def before_batch(self): self._t = time.perf_counter()
     def after_backward(self): self._b = time.perf_counter()  # backward done; no callback has run yet
@@ -162,6 +163,14 @@ def main():
           f"fastsparse mean {pct(statistics.mean(fs_add))} (max {pct(max(fs_add))}), fasterai mean {pct(statistics.mean(fai_add))} "
           f"(max {pct(max(fai_add))}), dense again {pct(statistics.mean(d2_add))}; "
           f"fastsparse lower in {sum(f < g for f, g in zip(fs_add, fai_add))} of {len(fs_add)} pairs")
+    # accuracy, paired by seed: how far apart the two libraries land, and how far a seed moves either of them
+    for lvl in levels:
+        diff = [f['acc'] - g['acc'] for f, g in zip(res[('fastsparse', lvl)], res[('fasterai', lvl)])]
+        se = statistics.stdev(diff) / len(diff) ** .5 if len(diff) > 1 else float('nan')
+        spread = lambda m: max(r['acc'] for r in res[(m, lvl)]) - min(r['acc'] for r in res[(m, lvl)])
+        print(f"{lvl:.2f}: accuracy fastsparse - fasterai, paired by seed: mean {diff and statistics.mean(diff):+.4f} "
+              f"(standard error {se:.4f}; per seed {', '.join(f'{d:+.4f}' for d in diff)}); "
+              f"spread over seeds fastsparse {spread('fastsparse'):.4f}, fasterai {spread('fasterai'):.4f}")
     for lvl in levels:
         fs, fai = res[('fastsparse', lvl)], res[('fasterai', lvl)]
         print(f"{lvl:.2f}: achieved conv sparsity fastsparse {fs[0]['sparsity']:.5f}, fasterai {fai[0]['sparsity']:.5f}; "

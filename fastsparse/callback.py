@@ -59,28 +59,37 @@ class MaskHolder(Callback):
     def training(self): return self.learn.training if self.learn is not None else True  # read by fastai on every event
     def __call__(self, event_name):
         if event_name in _INNER and getattr(type(self), event_name, None) is _no_event: return None  # nothing to run
+        if event_name == 'before_train': self._rezero = None  # the optimizer or the callbacks may have changed
         return super().__call__(event_name)
     def _pairs(self):
-        "(parameter, mask) for each mask; looked up again only when the model or a mask object changes"
+        "(parameter, mask) for each mask; looked up again only when the model or a mask changes"
         model = _raw(self.learn.model)
-        key = (id(model), *map(id, self.masks.values()))  # the cache holds the masks, so their ids are not reused
-        if getattr(self, '_pairs_key', None) != key:
-            self._pairs_cache,self._pairs_key = [(model.get_parameter(n), m) for n,m in self.masks.items()],key
+        # a mask may be replaced, or given new data in place (`mask.data = ...`): its data pointer changes either way
+        # (the cache holds the old views, so an old pointer is not reused)
+        key = (id(model), *[m.data_ptr() for m in self.masks.values()])
+        if self._pairs_key != key:
+            pairs = [(model.get_parameter(n), m) for n,m in self.masks.items()]
+            self._pairs_cache,self._pairs_key = pairs,key
+            self._params,self._u8s = [p for p,_ in pairs],[self._u8(m) for _,m in pairs]  # what the per-step passes need
         return self._pairs_cache
+    _pairs_key = None
+    def __getstate__(self):  # caches hold views and parameters of this process: not for `learn.export()`
+        return {k: v for k,v in super().__getstate__().items() if k not in _CACHES}
     @staticmethod
     def _u8(m): return m.view(torch.uint8) if m.dtype == torch.bool else m  # same bytes; multiplies ~3x faster than bool
     @torch.no_grad()
     def mask_grads(self):
         "Zero the gradients of masked weights"
-        gs,ms = [],[]
-        for p,m in self._pairs():
-            if p.grad is not None: gs.append(p.grad); ms.append(self._u8(m))
+        self._pairs()
+        gs,ms = [p.grad for p in self._params],self._u8s
+        if any(g is None for g in gs):  # a layer without a gradient this step (frozen, or unused)
+            gs,ms = [g for g in gs if g is not None],[m for g,m in zip(gs, ms) if g is not None]
         if gs: torch._foreach_mul_(gs, ms)
     @torch.no_grad()
     def mask_weights(self):
         "Re-zero masked weights"
-        pairs = self._pairs()
-        if pairs: torch._foreach_mul_([p.data for p,_ in pairs], [self._u8(m) for _,m in pairs])
+        self._pairs()
+        if self._params: torch._foreach_mul_([p.data for p in self._params], self._u8s)
     @torch.no_grad()
     def mask_opt_state(self):
         "Zero the optimizer state at masked positions"
@@ -108,13 +117,10 @@ class MaskHolder(Callback):
         for h in self._hooks[1:]: h.remove()
         self._hooks = self._hooks[:1]
     def rezero_after_step(self) -> bool:
-        "Whether a step could move a masked weight (`step_can_move_zeros`), decided again when the optimizer or callbacks change"
-        learn,pairs = self.learn,self._pairs()
-        key = (id(learn.opt), id(pairs), *map(id, getattr(learn.cbs, 'items', learn.cbs)))
-        if getattr(self, '_rezero_key', None) != key:
-            self._rezero = step_can_move_zeros(learn, [p for p,_ in pairs])
-            self._rezero_key = key
+        "Whether a step could move a masked weight (`step_can_move_zeros`), decided at the first step of each training epoch"
+        if self._rezero is None: self._rezero = step_can_move_zeros(self.learn, [p for p,_ in self._pairs()])
         return self._rezero
+    _rezero,_skipped = None,False
     def after_backward(self): self.mask_grads()
     def after_step(self):
         if self.rezero_after_step(): self.mask_weights()
@@ -126,6 +132,7 @@ _SAFE_STEPPERS = {sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad
 _SAFE_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RAdam, torch.optim.NAdam,
                torch.optim.Adamax, torch.optim.Adagrad, torch.optim.RMSprop)
 _WRITE_EVENTS = ('after_backward', 'before_step', 'after_step')
+_CACHES = ('_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero')
 
 def _defines(cb, event): return event in vars(cb) or getattr(type(cb), event, None) not in (None, _no_event)
 
@@ -143,8 +150,12 @@ def step_can_move_zeros(learn, # a `Learner` (its optimizer and callbacks are re
     if not known or any(e <= 0 for e in eps): return True
     own = {id(p) for p,*_ in opt.all_params(with_grad=False)}
     if any(id(p) not in own for p in params): return True
-    return any(_defines(cb, e) for cb in learn.cbs if not isinstance(cb, MaskHolder) and not type(cb).__module__.startswith('fastai.')
-               for e in _WRITE_EVENTS)
+    return any(_defines(cb, e) for cb in learn.cbs if not _trusted(cb) for e in _WRITE_EVENTS)
+
+def _trusted(cb):
+    "A callback known not to write weights or gradients: a mask holder, fastai's own, or one that says so"
+    return isinstance(cb, MaskHolder) or type(cb).__module__.startswith('fastai.') or vars(cb).get(
+        'can_move_zeros', getattr(type(cb), 'can_move_zeros', True)) is False
 
 def _no_event(self): pass
 _INNER = frozenset(_inner_loop)
@@ -307,9 +318,10 @@ def after_cancel_step(self:SparsifyCallback): self._skipped = True
 
 @patch
 def after_step(self:SparsifyCallback):
-    if getattr(self, '_skipped', False): self._skipped = False; self.mask_weights(); return
-    self._good += 1; self._steps_since += 1
+    if self._skipped: self._skipped = False; self.mask_weights(); return
+    self._good += 1
     if not self._settled:  # after the schedule's window the masks are final: nothing to look up until `after_fit`
+        self._steps_since += 1
         pos = self._good / (self.n_iter * self.n_epoch)
         last_of_epoch = self.iter == self.n_iter - 1
         due = last_of_epoch if self.update_every == 'epoch' else self._steps_since >= self.update_every or last_of_epoch

@@ -1,5 +1,5 @@
 "End-to-end checks of SparsifyCallback with real fastai training on scikit-learn's digits."
-import hashlib, warnings
+import hashlib, pickle, time, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
 from fastai.basics import Learner, Callback, Adam, SGD, OptimWrapper, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner, set_seed
@@ -219,10 +219,11 @@ class Push(Callback):
             if isinstance(m, nn.Conv2d): m.weight.add_(0.5)
 
 def _fit(opt_func=Adam, extra=(), **kw):
-    cb, chk = SparsifyCallback(0.8, schedule=lin), CheckAfterBatch()
+    "Two epochs, the schedule over the first: in the second the masks are settled and only their upkeep holds the zeros"
+    cb, chk = SparsifyCallback(0.8, schedule=lin.with_pcts(0., 0.5)), CheckAfterBatch()
     learn = learner(cbs=[cb, chk, *extra], opt_func=opt_func)
-    learn.fit(1, 1e-3, **kw)
-    assert chk.n == len(learn.dls.train)  # masks held after every batch
+    learn.fit(2, 1e-3, **kw)
+    assert chk.n == 2 * len(learn.dls.train) and cb._settled  # masks held after every batch
     return cb
 
 @pytest.mark.parametrize('name,opt_func,kw', [
@@ -242,6 +243,28 @@ def test_rezero_kept_when_a_step_could_move_zeros(case):
     assert cb._rezero is True
     rep = cb.report.set_index('layer').drop('total')
     assert (rep.zeros == (0.8 * rep.params).round()).all()
+
+class Timer(Callback):
+    "Reads the clock after backward and after the step, as a benchmark would: it writes nothing"
+    def before_fit(self): self.n = 0
+    def after_backward(self): self.t = time.perf_counter()
+    def after_step(self): self.n += 1
+
+def test_rezero_skipped_for_a_callback_that_says_it_only_reads():
+    assert _fit(extra=[Timer()])._rezero is True  # it runs after backward and after the step: not trusted by default
+    ro = type('ReadOnlyTimer', (Timer,), {'can_move_zeros': False})()
+    cb = _fit(extra=[ro])
+    assert cb._rezero is False and ro.n == 2 * len(cb.learn.dls.train)  # skipped, and the masks held after every batch (checked in `_fit`)
+    t = Timer(); t.can_move_zeros = False  # an instance attribute is read too
+    assert _fit(extra=[t])._rezero is False
+
+def test_caches_not_pickled():
+    cb = _fit()
+    assert cb._pairs_key is not None and cb._u8s
+    st = cb.__getstate__()
+    assert not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero'} & set(st)
+    cb2 = pickle.loads(pickle.dumps(cb))
+    assert cb2._pairs_key is None and set(cb2.masks) == set(cb.masks)
 
 def test_step_can_move_zeros_without_optimizer():
     learn = learner()
