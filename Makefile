@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast nbtest docs pytest export clean-nbs bench
+.PHONY: install demo test nbtest docs pytest export clean-nbs
 
 $(STAMP): pyproject.toml tools/install.sh
 	bash tools/install.sh $(PYTHON) $(VENV)
