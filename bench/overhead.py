@@ -164,6 +164,10 @@ def main():
           f"fastsparse mean {pct(statistics.mean(fs_add))} (max {pct(max(fs_add))}), fasterai mean {pct(statistics.mean(fai_add))} "
           f"(max {pct(max(fai_add))}), dense again {pct(statistics.mean(d2_add))}; "
           f"fastsparse lower in {sum(f < g for f, g in zip(fs_add, fai_add))} of {len(fs_add)} pairs")
+    for what, xs, ys in [('callback time', fs_cb, fai_cb), ('added', fs_add, fai_add)]:
+        d = [f - g for f, g in zip(xs, ys)]  # paired by level and seed
+        se = statistics.stdev(d) / len(d) ** .5 if len(d) > 1 else float('nan')
+        print(f"{what}, fastsparse - fasterai, paired: mean {pct(statistics.mean(d))} of a dense batch (standard error {100*se:.2f} points)")
     # accuracy, paired by seed: how far apart the two libraries land, and how far a seed moves either of them
     spread = lambda m, lvl: max(r['acc'] for r in res[(m, lvl)]) - min(r['acc'] for r in res[(m, lvl)])
     for lvl in levels:

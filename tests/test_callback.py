@@ -274,3 +274,14 @@ def test_step_can_move_zeros_without_optimizer():
     assert step_can_move_zeros(learn, [nn.Parameter(torch.zeros(3))]) is True  # not the optimizer's own parameter
     learn = learner(opt_func=partial(Adam, eps=0.)); learn.create_opt()
     assert step_can_move_zeros(learn, list(learn.model.parameters())) is True  # 0/(sqrt(0)+0) is NaN, not 0
+
+class AddPushMidEpoch(Callback):
+    "Adds a callback that writes weights after the step, in the middle of the settled epoch"
+    def after_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 3: self.learn.add_cb(Push())
+
+def test_callback_added_mid_epoch_turns_the_rezero_on():
+    cb = _fit(extra=[AddPushMidEpoch()])  # `_fit` checks the masks after every batch, before and after the addition
+    assert cb._rezero is True and any(isinstance(c, Push) for c in cb.learn.cbs)
+    rep = cb.report.set_index('layer').drop('total')
+    assert (rep.zeros == (0.8 * rep.params).round()).all()
