@@ -262,7 +262,7 @@ def test_caches_not_pickled():
     cb = _fit()
     assert cb._pairs_key is not None and cb._u8s
     st = cb.__getstate__()
-    assert not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero'} & set(st)
+    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_ncbs', '_lastcb'} & set(st)
     cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._pairs_key is None and set(cb2.masks) == set(cb.masks)
 
