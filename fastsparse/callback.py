@@ -116,13 +116,14 @@ class MaskHolder(Callback):
         for h in self._hooks[1:]: h.remove()
         self._hooks = self._hooks[:1]
     def rezero_after_step(self) -> bool:
-        "Whether a step could move a masked weight (`step_can_move_zeros`), decided again each training epoch and whenever a callback is added or removed"
-        cbs = self.learn.cbs.items  # `add_cb` appends, `remove_cb` removes: the length or the last one changes
-        if self._rezero is None or len(cbs) != self._ncbs or cbs[-1] is not self._lastcb:
-            self._rezero = step_can_move_zeros(self.learn, [p for p,_ in self._pairs()])
-            self._ncbs,self._lastcb = len(cbs),cbs[-1]
+        "Whether a step could move a masked weight (`step_can_move_zeros`), decided again each training epoch and whenever the optimizer is replaced or a callback is added or removed"
+        learn = self.learn
+        cbs = learn.cbs.items  # `add_cb` appends, `remove_cb` removes: the length or the last one changes
+        if self._rezero is None or learn.opt is not self._opt or len(cbs) != self._ncbs or cbs[-1] is not self._lastcb:
+            self._rezero = step_can_move_zeros(learn, [p for p,_ in self._pairs()])
+            self._opt,self._ncbs,self._lastcb = learn.opt,len(cbs),cbs[-1]
         return self._rezero
-    _rezero,_skipped,_ncbs,_lastcb = None,False,0,None
+    _rezero,_skipped,_opt,_ncbs,_lastcb = None,False,None,0,None
     def after_backward(self): self.mask_grads()
     def after_step(self):
         if self.rezero_after_step(): self.mask_weights()
@@ -134,7 +135,7 @@ _SAFE_STEPPERS = {sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad
 _SAFE_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RAdam, torch.optim.NAdam,
                torch.optim.Adamax, torch.optim.Adagrad, torch.optim.RMSprop)
 _WRITE_EVENTS = ('after_backward', 'before_step', 'after_step')
-_CACHES = ('_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_ncbs', '_lastcb')
+_CACHES = ('_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb')
 
 def _defines(cb, event): return event in vars(cb) or getattr(type(cb), event, None) not in (None, _no_event)
 

@@ -200,7 +200,7 @@ def test_fp16_gpu_masks_hold():
     assert chk.n > 0
 
 # --- the per-step re-zero: skipped only when a step provably cannot move a zero ---
-from fastai.basics import RAdam, ranger
+from fastai.basics import RAdam, ranger, Optimizer
 from fastsparse.callback import step_can_move_zeros
 from fastsparse.regularize import RegularizeCallback
 
@@ -262,7 +262,7 @@ def test_caches_not_pickled():
     cb = _fit()
     assert cb._pairs_key is not None and cb._u8s
     st = cb.__getstate__()
-    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_ncbs', '_lastcb'} & set(st)
+    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb'} & set(st)
     cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._pairs_key is None and set(cb2.masks) == set(cb.masks)
 
@@ -285,3 +285,17 @@ def test_callback_added_mid_epoch_turns_the_rezero_on():
     assert cb._rezero is True and any(isinstance(c, Push) for c in cb.learn.cbs)
     rep = cb.report.set_index('layer').drop('total')
     assert (rep.zeros == (0.8 * rep.params).round()).all()
+
+def _nudge(p, lr, **kwargs):
+    "A stepper not on the safe list: it moves every weight, zeros included"
+    p.data.add_(1e-3)
+
+class NewOptMidEpoch(Callback):
+    "Replaces the optimizer in the middle of the settled epoch with one whose step moves zeros"
+    def after_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 3:
+            self.learn.opt_func = partial(Optimizer, cbs=[_nudge]); self.learn.create_opt()
+
+def test_optimizer_replaced_mid_epoch_turns_the_rezero_on():
+    cb = _fit(extra=[NewOptMidEpoch()])  # masks checked after every batch, before and after the replacement
+    assert cb._rezero is True and cb._opt is cb.learn.opt
