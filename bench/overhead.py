@@ -20,12 +20,15 @@ Two measures of the steady-state cost, each relative to the dense run of the sam
   (callbacks, optimizer step, `zero_grad`), minus dense's, plus the callback's time in its other
   events, over dense's median batch. This counts the optimizer's share too.
 
-`fastsparse@fasterai-counts` trains fastsparse once more, with per-layer targets equal to the
-sparsity fasterai actually reached in the same pair: fasterai keeps one weight more per layer than
-asked (`kthvalue` + `>=`), which matters in the 288-weight first conv (7 kept instead of 6 at 98%).
-Same kept counts, same initial weights and batches: the like-for-like accuracy comparison.
+`fastsparse@fasterai-counts` trains fastsparse once more, pruning at every mask update exactly as many
+weights per layer as fasterai prunes there. fasterai takes the `kthvalue` at `k = max(1, int(s*n))` and
+keeps every weight `>=` it, so it prunes `k - 1`: one or two weights per layer fewer than `round(s*n)`, which matters
+in the 288-weight first conv (7 kept instead of 6 at 98%); and it reads its schedule at
+`round(pct_train, 3)`. Same kept counts at every step, same initial weights and batches: the
+like-for-like comparison of the two training rules. The script compares the final weights of the
+two runs bit for bit.
 
-    python bench/overhead.py                # 80/90/95/98%, 3 seeds, each also at fasterai's counts
+    python bench/overhead.py                # 80/90/95/98%, 3 seeds, fastsparse also at fasterai's counts
     python bench/overhead.py --quick        # one level, one seed, few epochs
 """
 import argparse, contextlib, io, statistics, sys, time, warnings
@@ -67,10 +70,26 @@ _BATCH_EVENTS = set("before_batch after_pred after_loss before_backward after_ba
                     "after_cancel_step after_batch".split())
 _SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".split())  # inside the post-backward span
 
+class AtFasteraiCounts(SparsifyCallback):
+    "fastsparse, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
+    _pos = 0.  # a class default: a Callback hands unknown attributes on to the Learner
+    def __init__(self, *args, start_pct=0., end_pct=0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_pct,self.end_pct = start_pct,end_pct
+    def _maybe_update(self, pos, force=False):
+        self._pos = pos  # fraction of training done: fasterai's `pct_train` at the next batch
+        return super()._maybe_update(pos, force)
+    def _targets_at(self, frac):
+        from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
+        progress = FSchedule(f_sched_agp, start_pct=self.start_pct, end_pct=self.end_pct).progress(round(min(1., self._pos), 3))
+        targets = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in self._groups}
+        # fasterai: threshold = kthvalue(k), k = max(1, int(s*n)); keeps scores >= threshold, so prunes k - 1
+        return {n: (max(1, int(t * progress * self._groups[n])) - 1) / self._groups[n] for n,t in targets.items()}
+
 def conv_zeros(model):
     return {n: int((m.weight == 0).sum()) for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
-def run(method, sparsity, seed, a, matched=None):
+def run(method, sparsity, seed, a):
     set_seed(seed, reproducible=True)  # torch, numpy and python's random (fastai's shuffling): paired runs per seed
     dls = digits_dls(bs=64, size=a.size, seed=42)
     model = digits_cnn(a.width)
@@ -78,9 +97,9 @@ def run(method, sparsity, seed, a, matched=None):
     cbs, cb = [BatchTimer()], None
     if a.first_dense:  # the 288-weight first conv stays dense in both libraries: equal kept counts elsewhere
         sparsity = {n: sparsity for n,m in model.named_modules() if isinstance(m, nn.Conv2d) and n != '0'}
-    if method == 'fastsparse':
-        if matched is not None: sparsity = matched
-        cb = SparsifyCallback(sparsity, 'weight', 'local', 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
+    if method in ('fastsparse', 'matched'):
+        cls = AtFasteraiCounts if method == 'matched' else SparsifyCallback
+        cb = cls(sparsity, 'weight', 'local', 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
     elif method == 'fasterai':
         from fasterai.sparse.sparsify_callback import SparsifyCallback as FSparsifyCallback
         from fasterai.core.criteria import large_final as f_large_final
@@ -99,7 +118,8 @@ def run(method, sparsity, seed, a, matched=None):
     sizes = {n: m.weight.numel() for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
     return dict(acc=acc, batch=statistics.median(steady), cb=(cb.__dict__['_self_time'] / len(steady)) if cb else 0.,
                 span=statistics.median(span), outside=(cb.__dict__['_outside'] / len(steady)) if cb else 0.,
-                sparsity=sum(zeros.values()) / sum(sizes.values()), layer_sparsity={n: zeros[n] / sizes[n] for n in zeros})
+                sparsity=sum(zeros.values()) / sum(sizes.values()), layer_sparsity={n: zeros[n] / sizes[n] for n in zeros},
+                weights={k: v.detach().clone() for k,v in model.state_dict().items() if not k.split('.')[-1].startswith('_')})  # not fasterai's buffers
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,7 +131,7 @@ def main():
     ap.add_argument('--width', type=int, default=32)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true')
-    ap.add_argument('--no-matched', dest='matched', action='store_false', help="skip fastsparse at fasterai's achieved counts")
+    ap.add_argument('--no-matched', dest='matched', action='store_false', help="skip fastsparse at fasterai's counts")
     ap.add_argument('--first-dense', action='store_true', help='keep the first conv dense in both libraries')
     a = ap.parse_args()
     if a.quick: a.levels, a.seeds, a.epochs = '0.9', 1, 4
@@ -124,10 +144,9 @@ def main():
             methods = ['dense', 'fastsparse', 'fasterai']
             order = methods[seed % 3:] + methods[:seed % 3]  # rotate the order: no method always runs first
             order.append('dense2')  # dense again, last: how far apart two identical runs land (the noise floor)
-            if a.matched: order.append('matched')  # fastsparse at fasterai's achieved counts: like for like
+            if a.matched: order.append('matched')  # fastsparse at fasterai's counts at every step: like for like
             for m in order:
-                matched = res[('fasterai', lvl)][-1]['layer_sparsity'] if m == 'matched' else None
-                r = run({'matched': 'fastsparse', 'dense2': 'dense'}.get(m, m), lvl, seed, a, matched)
+                r = run({'dense2': 'dense'}.get(m, m), lvl, seed, a)
                 res.setdefault((m, lvl), []).append(r)
                 print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  batch {r['batch']*1e3:.2f} ms  after-backward {r['span']*1e6:.0f} us  "
                       f"callback {r['cb']*1e6:.0f} us/batch  conv sparsity {r['sparsity']:.5f}", file=sys.stderr, flush=True)
@@ -164,10 +183,14 @@ def main():
           f"fastsparse mean {pct(statistics.mean(fs_add))} (max {pct(max(fs_add))}), fasterai mean {pct(statistics.mean(fai_add))} "
           f"(max {pct(max(fai_add))}), dense again {pct(statistics.mean(d2_add))}; "
           f"fastsparse lower in {sum(f < g for f, g in zip(fs_add, fai_add))} of {len(fs_add)} pairs")
-    for what, xs, ys in [('callback time', fs_cb, fai_cb), ('added', fs_add, fai_add)]:
+    cmp = [('callback time', '', fs_cb, fai_cb), ('added', '', fs_add, fai_add)]
+    if a.matched:  # the same arithmetic as fasterai's run, step for step: only the two libraries' mechanics differ
+        cmp += [('callback time', " at fasterai's counts", allrel('matched', 'cb'), fai_cb), ('added', " at fasterai's counts", added('matched'), fai_add)]
+    for what, at, xs, ys in cmp:
         d = [f - g for f, g in zip(xs, ys)]  # paired by level and seed
         se = statistics.stdev(d) / len(d) ** .5 if len(d) > 1 else float('nan')
-        print(f"{what}, fastsparse - fasterai, paired: mean {pct(statistics.mean(d))} of a dense batch (standard error {100*se:.2f} points)")
+        print(f"{what}, fastsparse{at} - fasterai, paired: mean {pct(statistics.mean(d))} of a dense batch (standard error {100*se:.2f} points); "
+              f"lower in {sum(x < 0 for x in d)} of {len(d)}")
     # accuracy, paired by seed: how far apart the two libraries land, and how far a seed moves either of them
     spread = lambda m, lvl: max(r['acc'] for r in res[(m, lvl)]) - min(r['acc'] for r in res[(m, lvl)])
     for lvl in levels:
@@ -185,6 +208,12 @@ def main():
         print(f"all levels: accuracy fastsparse {what} - fasterai over {len(diff)} pairs: mean {statistics.mean(diff):+.4f} "
               f"(standard error {se:.4f}); ahead in {sum(d > 0 for d in diff)}, level in {sum(d == 0 for d in diff)}, "
               f"behind in {sum(d < 0 for d in diff)}")
+    if a.matched:
+        same = lambda r, g: r.keys() == g.keys() and all(torch.equal(r[k], g[k]) for k in r)
+        pairs = [(f, g) for lvl in levels for f, g in zip(res[('matched', lvl)], res[('fasterai', lvl)])]
+        n_same = sum(same(f['weights'], g['weights']) for f, g in pairs)
+        print(f"fastsparse at fasterai's counts at every step: final weights, BatchNorm statistics included, bit-identical to fasterai's "
+              f"in {n_same} of {len(pairs)} pairs; accuracy equal in {sum(f['acc'] == g['acc'] for f, g in pairs)} of {len(pairs)}")
     for lvl in levels:
         fs, fai = res[('fastsparse', lvl)], res[('fasterai', lvl)]
         print(f"{lvl:.2f}: achieved conv sparsity fastsparse {fs[0]['sparsity']:.5f}, fasterai {fai[0]['sparsity']:.5f}; "
