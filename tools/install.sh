@@ -26,5 +26,5 @@ pipi() {  # pip install, quiet on success, full log on failure (minus this machi
 # torch 2.14.1 + torchvision 0.29.1 run fastai (and fastai.vision for the tutorials) on the CPU.
 # The library itself never imports torchvision.
 pipi "torch==2.14.1" "torchvision==0.29.1"
-pipi -e ".[dev]"
+pipi -e ".[dev,bench]"  # bench: fasterai 0.4.1, compared with in bench/ and tests/test_vs_fasterai.py
 "$VENV/bin/python" -c "import torch, fastai, fastsparse; print('fastsparse', fastsparse.__version__, '| torch', torch.__version__, '| fastai', fastai.__version__)"
