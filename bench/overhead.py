@@ -73,15 +73,12 @@ _SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".spl
 class AtFasteraiCounts(SparsifyCallback):
     "fastsparse, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
     _pos = 0.  # a class default: a Callback hands unknown attributes on to the Learner
-    def __init__(self, *args, start_pct=0., end_pct=0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start_pct,self.end_pct = start_pct,end_pct
     def _maybe_update(self, pos, force=False):
         self._pos = pos  # fraction of training done: fasterai's `pct_train` at the next batch
         return super()._maybe_update(pos, force)
     def _targets_at(self, frac):
         from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
-        progress = FSchedule(f_sched_agp, start_pct=self.start_pct, end_pct=self.end_pct).progress(round(min(1., self._pos), 3))
+        progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(min(1., self._pos), 3))  # our window
         targets = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in self._groups}
         # fasterai: threshold = kthvalue(k), k = max(1, int(s*n)); keeps scores >= threshold, so prunes k - 1
         return {n: (max(1, int(t * progress * self._groups[n])) - 1) / self._groups[n] for n,t in targets.items()}
