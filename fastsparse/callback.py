@@ -63,16 +63,16 @@ class MaskHolder(Callback):
         return super().__call__(event_name)
     def _pairs(self):
         "(parameter, mask) for each mask; looked up again only when the model or a mask changes"
-        model = _raw(self.learn.model)
+        model = self.learn.model
         # a mask may be replaced, or given new data in place (`mask.data = ...`): its data pointer changes either way
-        # (the cache holds the old views, so an old pointer is not reused)
-        key = (id(model), *[m.data_ptr() for m in self.masks.values()])
-        if self._pairs_key != key:
-            pairs = [(model.get_parameter(n), m) for n,m in self.masks.items()]
-            self._pairs_cache,self._pairs_key = pairs,key
+        # (the cache holds the old views, so an old pointer is not reused; it holds the model too, so neither is its id)
+        key = [m.data_ptr() for m in self.masks.values()]
+        if model is not self._pairs_model or self._pairs_key != key:
+            pairs = [(_raw(model).get_parameter(n), m) for n,m in self.masks.items()]
+            self._pairs_cache,self._pairs_key,self._pairs_model = pairs,key,model
             self._params,self._u8s = [p for p,_ in pairs],[self._u8(m) for _,m in pairs]  # what the per-step passes need
         return self._pairs_cache
-    _pairs_key = None
+    _pairs_key = _pairs_model = None
     def __getstate__(self):  # caches hold views and parameters of this process: not for `learn.export()`
         return {k: v for k,v in super().__getstate__().items() if k not in _CACHES}
     @staticmethod
@@ -135,7 +135,7 @@ _SAFE_STEPPERS = {sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad
 _SAFE_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RAdam, torch.optim.NAdam,
                torch.optim.Adamax, torch.optim.Adagrad, torch.optim.RMSprop)
 _WRITE_EVENTS = ('after_backward', 'before_step', 'after_step')
-_CACHES = ('_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb')
+_CACHES = ('_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb')
 
 def _defines(cb, event): return event in vars(cb) or getattr(type(cb), event, None) not in (None, _no_event)
 

@@ -260,9 +260,9 @@ def test_rezero_skipped_for_a_callback_that_says_it_only_reads():
 
 def test_caches_not_pickled():
     cb = _fit()
-    assert cb._pairs_key is not None and cb._u8s
+    assert cb._pairs_key is not None and cb._pairs_model is cb.learn.model and cb._u8s
     st = cb.__getstate__()
-    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb'} & set(st)
+    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb'} & set(st)
     cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._pairs_key is None and set(cb2.masks) == set(cb.masks)
 
@@ -299,3 +299,20 @@ class NewOptMidEpoch(Callback):
 def test_optimizer_replaced_mid_epoch_turns_the_rezero_on():
     cb = _fit(extra=[NewOptMidEpoch()])  # masks checked after every batch, before and after the replacement
     assert cb._rezero is True and cb._opt is cb.learn.opt
+
+def test_new_model_between_fits_gets_the_masks():
+    "The parameter cache follows `learn.model` itself (held, not by id, which Python may reuse): a model swapped in between fits is masked"
+    from fastsparse.callback import FixedSparsityCallback
+    torch.manual_seed(0)
+    mask = torch.rand(256, 64) > 0.5
+    cb = FixedSparsityCallback({'1': mask})
+    learn = learner(model=digits_mlp(), cbs=[cb, CheckMasks()])
+    with learn.no_logging(): learn.fit(1, 1e-3)
+    old = learn.model
+    assert cb._pairs_model is old and int((old[1].weight[~mask] != 0).sum()) == 0
+    learn.model = digits_mlp()
+    with learn.no_logging(): learn.fit(1, 1e-3)
+    new = learn.model[1].weight
+    assert cb._pairs_model is learn.model and cb._params[0] is new
+    assert int((new[~mask] != 0).sum()) == 0 and int((new[mask] != 0).sum()) == int(mask.sum())
+    assert learn.cbs.filter(lambda c: isinstance(c, CheckMasks))[0].n == len(learn.dls.train)

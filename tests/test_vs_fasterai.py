@@ -19,3 +19,29 @@ def test_same_counts_same_weights_as_fasterai():
     assert {k: round(v * n[k]) for k,v in fs['layer_sparsity'].items()} == {k: round(0.9 * m) for k,m in n.items()}
     assert all(round(fai['layer_sparsity'][k] * n[k]) in (round(0.9 * n[k]) - 1, round(0.9 * n[k]) - 2) for k in n)
     assert not all(torch.equal(fs['weights'][k], fai['weights'][k]) for k in fai['weights'])
+
+def test_alternating_fit_gates_each_library(monkeypatch):
+    "The bench's cost fit: steady batches split evenly between dense, fastsparse and fasterai, and each library runs only in its own"
+    seen = []  # (library, the batch's variant) at every gradient mask (fastsparse) and every mask re-application (fasterai)
+    class Counting(overhead.SparsifyCallback):
+        def after_backward(self): seen.append(('fastsparse', self.learn.alternate.variant)); super().after_backward()
+    make_fai = overhead._fasterai_cb
+    def counting_fai(sparsity):
+        cb = make_fai(sparsity)
+        step = cb.after_step
+        def after_step(): seen.append(('fasterai', cb.learn.alternate.variant)); step()
+        cb.after_step = after_step
+        return cb
+    monkeypatch.setattr(overhead, 'SparsifyCallback', Counting)
+    monkeypatch.setattr(overhead, '_fasterai_cb', counting_fai)
+    a = argparse.Namespace(size=16, width=32, epochs=4, lr=1e-2, first_dense=False)
+    recs = overhead.alternate(0.9, 0, a)
+    n_train = len(overhead.digits_dls(bs=64, size=16, seed=42).train)
+    before, steady = n_train * (a.epochs // 2 + 1), n_train * (a.epochs - (a.epochs // 2 + 1))
+    counts = {v: sum(r['variant'] == v for r in recs) for v in overhead.Alternate.variants}
+    assert len(recs) == steady and max(counts.values()) - min(counts.values()) <= 1 and min(counts.values()) > 0
+    for lib in ('fastsparse', 'fasterai'):  # all batches before the steady epochs (None), then only its own
+        ran = [v for l, v in seen if l == lib]
+        assert set(ran) == {None, lib} and ran.count(lib) == counts[lib] and ran.count(None) == before
+    assert all(r['cb'] == 0 for r in recs if r['variant'] == 'dense')
+    assert all(r['cb'] > 0 and 0 < r['span'] < r['batch'] for r in recs if r['variant'] != 'dense')
