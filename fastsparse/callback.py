@@ -116,14 +116,15 @@ class MaskHolder(Callback):
         for h in self._hooks[1:]: h.remove()
         self._hooks = self._hooks[:1]
     def rezero_after_step(self) -> bool:
-        "Whether a step could move a masked weight (`step_can_move_zeros`), decided again each training epoch and whenever the optimizer is replaced or a callback is added or removed"
+        "Whether a step could move a masked weight (`step_can_move_zeros`), decided again each training epoch and whenever the optimizer or the list of callbacks changes"
         learn = self.learn
-        cbs = learn.cbs.items  # `add_cb` appends, `remove_cb` removes: the length or the last one changes
-        if self._rezero is None or learn.opt is not self._opt or len(cbs) != self._ncbs or cbs[-1] is not self._lastcb:
+        cbs = learn.cbs.items
+        # a list compare checks identity first: for an unchanged list of a few callbacks it costs well under a microsecond
+        if self._rezero is None or learn.opt is not self._opt or cbs != self._cbs:
             self._rezero = step_can_move_zeros(learn, [p for p,_ in self._pairs()])
-            self._opt,self._ncbs,self._lastcb = learn.opt,len(cbs),cbs[-1]
+            self._opt,self._cbs = learn.opt,list(cbs)
         return self._rezero
-    _rezero,_skipped,_opt,_ncbs,_lastcb = None,False,None,0,None
+    _rezero,_skipped,_opt,_cbs = None,False,None,None
     def after_backward(self): self.mask_grads()
     def after_step(self):
         if self.rezero_after_step(): self.mask_weights()
@@ -135,7 +136,7 @@ _SAFE_STEPPERS = {sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad
 _SAFE_TORCH = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RAdam, torch.optim.NAdam,
                torch.optim.Adamax, torch.optim.Adagrad, torch.optim.RMSprop)
 _WRITE_EVENTS = ('after_backward', 'before_step', 'after_step')
-_CACHES = ('_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb')
+_CACHES = ('_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_cbs')
 
 def _defines(cb, event): return event in vars(cb) or getattr(type(cb), event, None) not in (None, _no_event)
 

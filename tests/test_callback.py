@@ -262,7 +262,7 @@ def test_caches_not_pickled():
     cb = _fit()
     assert cb._pairs_key is not None and cb._pairs_model is cb.learn.model and cb._u8s
     st = cb.__getstate__()
-    assert cb._lastcb is not None and not {'_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_ncbs', '_lastcb'} & set(st)
+    assert cb._cbs and not {'_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_cbs'} & set(st)
     cb2 = pickle.loads(pickle.dumps(cb))
     assert cb2._pairs_key is None and set(cb2.masks) == set(cb.masks)
 
@@ -285,6 +285,22 @@ def test_callback_added_mid_epoch_turns_the_rezero_on():
     assert cb._rezero is True and any(isinstance(c, Push) for c in cb.learn.cbs)
     rep = cb.report.set_index('layer').drop('total')
     assert (rep.zeros == (0.8 * rep.params).round()).all()
+
+class Idle(Callback): "Does nothing; stands in the middle of the callback list"
+
+class SwapInPushMidEpoch(Callback):
+    "Replaces, in place, a callback in the middle of the list by one that writes weights after the step"
+    def after_batch(self):
+        if self.training and self.epoch == 1 and self.iter == 3:
+            cbs = self.learn.cbs
+            i = [j for j, c in enumerate(cbs) if isinstance(c, Idle)][0]
+            assert 0 < i < len(cbs) - 1  # neither end: the list keeps its length and its last entry
+            push = Push(); push.learn = self.learn
+            cbs[i] = push
+
+def test_callback_swapped_in_place_turns_the_rezero_on():
+    cb = _fit(extra=[Idle(), SwapInPushMidEpoch()])  # masks checked after every batch, before and after the swap
+    assert cb._rezero is True and any(isinstance(c, Push) for c in cb.learn.cbs) and not any(isinstance(c, Idle) for c in cb.learn.cbs)
 
 def _nudge(p, lr, **kwargs):
     "A stepper not on the safe list: it moves every weight, zeros included"
