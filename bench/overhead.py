@@ -15,8 +15,8 @@ initial weights and batches: the like-for-like comparison of the two training ru
 compares the final weights of the two runs bit for bit.
 
 Cost: separate runs can't resolve it. Two identical dense runs, one after the other or even taking turns
-batch by batch in two threads, differ by 10-15% per batch on this machine, and the difference sticks to
-the run (its memory, not the moment). So the cost is measured inside one fit (`alternate`) that carries
+batch by batch in two threads, differ by several percent per batch on this machine (4-10% in the runs of
+`bench/run_to_run.py`), and the difference sticks to the run (its memory, not the moment). So the cost is measured inside one fit (`alternate`) that carries
 both libraries' callbacks: in the steady epochs every training batch runs as dense, fastsparse or
 fasterai (a fresh random order each round of three), on the same model, optimizer and memory; a gated
 callback doesn't run at all. Per fit, each variant's batches give
@@ -24,8 +24,8 @@ callback doesn't run at all. Per fit, each variant's batches give
   same for all three and dominate its noise (about 1% per fit);
 - `added`: median time from the end of backward to the end of every callback's `after_step` (callbacks,
   optimizer step, `zero_grad`) minus dense's, plus the callback's (median) time in its other batch events, over
-  dense's median batch: what the callback adds to a batch, the optimizer's share included (on this
-  machine the first op after backward is slow, whoever runs it: our gradient mask, or the optimizer step);
+  dense's median batch: what the callback adds to a batch, the optimizer's share included (work right
+  after backward can move time into or out of the step that follows, so the step is counted too);
 - `callback`: median time inside the callback itself per batch (all its batch events, fastai's dispatch to it
   included) over dense's median batch.
 In that fit the masked weights drift in dense batches (nothing holds them); the timing doesn't depend on

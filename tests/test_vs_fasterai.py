@@ -43,5 +43,4 @@ def test_alternating_fit_gates_each_library(monkeypatch):
     for lib in ('fastsparse', 'fasterai'):  # all batches before the steady epochs (None), then only its own
         ran = [v for l, v in seen if l == lib]
         assert set(ran) == {None, lib} and ran.count(lib) == counts[lib] and ran.count(None) == before
-    assert all(r['cb'] == 0 for r in recs if r['variant'] == 'dense')
     assert all(r['cb'] > 0 and 0 < r['span'] < r['batch'] for r in recs if r['variant'] != 'dense')
