@@ -14,6 +14,12 @@ weights per layer fewer than `round(s*n)`, which matters in the 288-weight first
 initial weights and batches: the like-for-like comparison of the two training rules. The script
 compares the final weights of the two runs bit for bit.
 
+The same three sparse runs are repeated in global context (one magnitude threshold over all conv layers,
+each library's `context='global'`; fasterai prunes `k - 1` of all the conv weights there, `k = int(s*N)`):
+the two libraries against each other, and what a global threshold buys over the same sparsity in every
+layer. The cost is measured in local context only: in steady state the masks are fixed, and their upkeep
+does not depend on how they were chosen.
+
 Cost: separate runs can't resolve it. Two identical dense runs, one after the other or even taking turns
 batch by batch in two threads, differ by several percent per batch on this machine (4-10% in the runs of
 `bench/run_to_run.py`), and the difference sticks to the run (its memory, not the moment). So the cost is measured inside one fit (`alternate`) that carries
@@ -32,7 +38,7 @@ In that fit the masked weights drift in dense batches (nothing holds them); the 
 the values. fasterai's callback is declared `can_move_zeros = False` there (it only multiplies weights by
 its masks), so fastsparse skips the re-zero after the step as it does in its own run; the script checks it.
 
-    python bench/overhead.py                # 80/90/95/98%, 3 seeds, fastsparse also at fasterai's counts
+    python bench/overhead.py                # 80/90/95/98%, 3 seeds, local and global, fastsparse also at fasterai's counts (30-50 min on a 2-core CPU)
     python bench/overhead.py --quick        # one level, one seed, few epochs
 """
 import argparse, contextlib, io, random, statistics, sys, time, warnings
@@ -93,18 +99,21 @@ class AtFasteraiCounts(SparsifyCallback):
     def _targets_at(self, frac):
         from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
         progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(min(1., self._pos), 3))  # our window
-        targets = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in self._groups}
         # fasterai: threshold = kthvalue(k), k = max(1, int(s*n)); keeps scores >= threshold, so prunes k - 1
+        if self.context == 'global':  # one threshold over all layers' scores: n is every selected weight
+            N = sum(self._groups.values())
+            return (max(1, int(self.targets * progress * N)) - 1) / N
+        targets = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in self._groups}
         return {n: (max(1, int(t * progress * self._groups[n])) - 1) / self._groups[n] for n,t in targets.items()}
 
 def conv_zeros(model):
     return {n: int((m.weight == 0).sum()) for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
-def _fasterai_cb(sparsity):
+def _fasterai_cb(sparsity, context='local'):
     from fasterai.sparse.sparsify_callback import SparsifyCallback as FSparsifyCallback
     from fasterai.core.criteria import large_final as f_large_final
     from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
-    return FSparsifyCallback(sparsity, 'weight', 'local', f_large_final, FSchedule(f_sched_agp, start_pct=0., end_pct=0.5),
+    return FSparsifyCallback(sparsity, 'weight', context, f_large_final, FSchedule(f_sched_agp, start_pct=0., end_pct=0.5),
                              layer_type=nn.Conv2d)
 
 def _fit(learn, a):
@@ -120,13 +129,16 @@ def _setup(sparsity, seed, a):
     return dls, model, sparsity
 
 def run(method, sparsity, seed, a):
-    "Train one run of `method` ('dense', 'fastsparse', 'fasterai' or 'matched'); return its accuracy, sparsity and final weights"
+    "Train one run of `method` ('dense', 'fastsparse', 'fasterai' or 'matched'; '/global' after a sparse one: one threshold over all conv layers); return its accuracy, sparsity and final weights"
+    method, _, context = method.partition('/')
+    context = context or 'local'
     dls, model, sparsity = _setup(sparsity, seed, a)
+    if context == 'global' and isinstance(sparsity, dict): raise ValueError("--first-dense gives per-layer targets, which need the local context")
     cb = None
     if method in ('fastsparse', 'matched'):
         cls = AtFasteraiCounts if method == 'matched' else SparsifyCallback
-        cb = cls(sparsity, 'weight', 'local', 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
-    elif method == 'fasterai': cb = _fasterai_cb(sparsity)
+        cb = cls(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
+    elif method == 'fasterai': cb = _fasterai_cb(sparsity, context)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[cb] if cb else [])
     _fit(learn, a)
     with contextlib.redirect_stdout(io.StringIO()): acc = float(learn.validate()[1])  # fasterai prints here too
@@ -159,8 +171,10 @@ def main():
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--no-matched', dest='matched', action='store_false', help="skip fastsparse at fasterai's counts")
-    ap.add_argument('--first-dense', action='store_true', help='keep the first conv dense in both libraries')
+    ap.add_argument('--first-dense', action='store_true', help='keep the first conv dense in both libraries (local context only)')
+    ap.add_argument('--no-global', dest='global_', action='store_false', help='skip the runs in global context')
     a = ap.parse_args()
+    if a.first_dense: a.global_ = False  # per-layer targets need the local context
     if a.quick: a.levels, a.seeds, a.epochs, a.cost_epochs = '0.9', 1, 4, 8
     torch.set_num_threads(a.threads)
     defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]
@@ -169,10 +183,12 @@ def main():
     for lvl in levels:
         for seed in range(a.seeds):
             methods = ['dense', 'fastsparse', 'fasterai'] + (['matched'] if a.matched else [])
-            for m in methods[seed % 3:3] + methods[:seed % 3] + methods[3:]:  # rotate the order: no method always runs first
+            methods = methods[seed % 3:3] + methods[:seed % 3] + methods[3:]  # rotate the order: no method always runs first
+            methods += [m + '/global' for m in methods if m != 'dense'] if a.global_ else []
+            for m in methods:
                 r = run(m, lvl, seed, a)
                 res.setdefault((m, lvl), []).append(r)
-                print(f"  {m:<10} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  conv sparsity {r['sparsity']:.5f}", file=sys.stderr, flush=True)
+                print(f"  {m:<17} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  conv sparsity {r['sparsity']:.5f}", file=sys.stderr, flush=True)
             recs = alternate(lvl, seed, argparse.Namespace(**{**vars(a), 'epochs': a.cost_epochs}))
             med = lambda v, k: statistics.median(r[k] for r in recs if r['variant'] == v)
             d_batch, d_span = med('dense', 'batch'), med('dense', 'span')
@@ -182,18 +198,25 @@ def main():
                 cost.setdefault((v, lvl), []).append(c)
                 print(f"  alternating sparsity {lvl:.2f} seed {seed}: {v:<10} batch {100*c['time']:+.2f}% over dense ({d_batch*1e3:.2f} ms), "
                       f"callback {c['cb_us']*1e6:.0f} us, added {100*c['added']:+.2f}% ({c['n']} batches)", file=sys.stderr, flush=True)
+    contexts = ['local'] + (['global'] if a.global_ else [])
+    key = lambda m, ctx: m if ctx == 'local' else f"{m}/global"  # the method's name in `res`
     print(f"digits {a.size}x{a.size}, digits_cnn({a.width}), {a.epochs} epochs ({a.cost_epochs} in the fits that measure the cost), "
           f"one-cycle lr {a.lr}, AGP over 0-50%, {a.seeds} seeds, {a.threads} threads" + (", first conv dense in both" if a.first_dense else ''))
+    acc = lambda m, lvl: statistics.mean(r['acc'] for r in res[(m, lvl)])
+    cols = ['fastsparse', 'fasterai'] + (['matched'] if a.matched else [])
+    name = {'fastsparse': 'fastsparse', 'fasterai': 'fasterai', 'matched': 'fastsparse@fasterai-counts'}
+    print(f"\naccuracy, mean over {a.seeds} seeds (separate {a.epochs}-epoch runs):")
+    print(f"{'sparsity':>8} | {'dense':>6} | " + ' | '.join(f"{ctx + ' ' + name[m] if i == 0 else name[m]:>{max(len(name[m]), len(ctx) + 11) if i == 0 else len(name[m])}}"
+                                                    for ctx in contexts for i, m in enumerate(cols)))
+    for lvl in levels:
+        print(f"{lvl:>8.2f} | {acc('dense', lvl):>6.4f} | " + ' | '.join(f"{acc(key(m, ctx), lvl):>{max(len(name[m]), len(ctx) + 11) if i == 0 else len(name[m])}.4f}"
+                                                              for ctx in contexts for i, m in enumerate(cols)))
     pct = lambda x: f"{100*x:+.2f}%"
     cm = lambda v, lvl, k: statistics.mean(c[k] for c in cost[(v, lvl)])
-    print(f"\n{'sparsity':>8} | {'acc dense':>9} | {'fastsparse':>10} | {'fasterai':>8} | "
-          + (f"{'fastsparse@fasterai-counts':>26} | " if a.matched else '')
-          + f"{'time/dense fs':>13} | {'fai':>7} | {'added fs':>8} | {'fai':>7} | {'callback fs':>11} | {'fai':>7}")
+    print(f"\nsteady-state cost (local context), mean over {a.seeds} fits where dense, fastsparse and fasterai batches alternate:")
+    print(f"{'sparsity':>8} | {'time/dense fs':>13} | {'fai':>7} | {'added fs':>8} | {'fai':>7} | {'callback fs':>11} | {'fai':>7}")
     for lvl in levels:
-        mean = lambda m: statistics.mean(r['acc'] for r in res[(m, lvl)])
-        print(f"{lvl:>8.2f} | {mean('dense'):>9.4f} | {mean('fastsparse'):>10.4f} | {mean('fasterai'):>8.4f} | "
-              + (f"{mean('matched'):>26.4f} | " if a.matched else '')
-              + f"{pct(cm('fastsparse', lvl, 'time')):>13} | {pct(cm('fasterai', lvl, 'time')):>7} | "
+        print(f"{lvl:>8.2f} | {pct(cm('fastsparse', lvl, 'time')):>13} | {pct(cm('fasterai', lvl, 'time')):>7} | "
               f"{pct(cm('fastsparse', lvl, 'added')):>8} | {pct(cm('fasterai', lvl, 'added')):>7} | "
               f"{pct(cm('fastsparse', lvl, 'cb')):>11} | {pct(cm('fasterai', lvl, 'cb')):>7}")
     allc = lambda v, k: [c[k] for lvl in levels for c in cost[(v, lvl)]]  # one value per fit, every level
@@ -209,32 +232,46 @@ def main():
               f"(max {pct(max(fai))}); fastsparse - fasterai {pct(statistics.mean(d))} (standard error {100*se:.2f} points), lower in {sum(x < 0 for x in d)} of {n}")
     print(f"  callback time per batch: fastsparse {statistics.mean(allc('fastsparse', 'cb_us'))*1e6:.0f} us, "
           f"fasterai {statistics.mean(allc('fasterai', 'cb_us'))*1e6:.0f} us; dense batch {statistics.mean(allc('fastsparse', 'dense_batch'))*1e3:.2f} ms")
-    # accuracy, paired by seed: how far apart the two libraries land, and how far a seed moves either of them
+    # accuracy, paired by seed: how far apart two arms land, and how far a seed moves either of them
     spread = lambda m, lvl: max(r['acc'] for r in res[(m, lvl)]) - min(r['acc'] for r in res[(m, lvl)])
-    for lvl in levels:
-        for m, what in [('fastsparse', 'at the target counts'), ('matched', "at fasterai's counts")]:
-            if (m, lvl) not in res: continue
-            diff = [f['acc'] - g['acc'] for f, g in zip(res[(m, lvl)], res[('fasterai', lvl)])]
+    def paired(f, g, lvl):
+        d = [x['acc'] - y['acc'] for x, y in zip(res[(f, lvl)], res[(g, lvl)])]
+        return d, statistics.stdev(d) / len(d) ** .5 if len(d) > 1 else float('nan')
+    for ctx in contexts:
+        fai = key('fasterai', ctx)
+        print(f"\n{ctx} context:")
+        for lvl in levels:
+            for m, what in [('fastsparse', 'at the target counts'), ('matched', "at fasterai's counts")]:
+                if (key(m, ctx), lvl) not in res: continue
+                diff, se = paired(key(m, ctx), fai, lvl)
+                print(f"{lvl:.2f}: accuracy fastsparse {what} - fasterai, paired by seed: mean {statistics.mean(diff):+.4f} "
+                      f"(standard error {se:.4f}; per seed {', '.join(f'{d:+.4f}' for d in diff)}); "
+                      f"spread over seeds fastsparse {spread(key(m, ctx), lvl):.4f}, fasterai {spread(fai, lvl):.4f}")
+        for m, what in [('fastsparse', 'at the target counts'), ('matched', "at fasterai's counts")]:  # every level together
+            if not all((key(m, ctx), lvl) in res for lvl in levels): continue
+            diff = [d for lvl in levels for d in paired(key(m, ctx), fai, lvl)[0]]
             se = statistics.stdev(diff) / len(diff) ** .5 if len(diff) > 1 else float('nan')
-            print(f"{lvl:.2f}: accuracy fastsparse {what} - fasterai, paired by seed: mean {statistics.mean(diff):+.4f} "
-                  f"(standard error {se:.4f}; per seed {', '.join(f'{d:+.4f}' for d in diff)}); "
-                  f"spread over seeds fastsparse {spread(m, lvl):.4f}, fasterai {spread('fasterai', lvl):.4f}")
-    for m, what in [('fastsparse', 'at the target counts'), ('matched', "at fasterai's counts")]:  # every level together
-        if not all((m, lvl) in res for lvl in levels): continue
-        diff = [f['acc'] - g['acc'] for lvl in levels for f, g in zip(res[(m, lvl)], res[('fasterai', lvl)])]
-        se = statistics.stdev(diff) / len(diff) ** .5 if len(diff) > 1 else float('nan')
-        print(f"all levels: accuracy fastsparse {what} - fasterai over {len(diff)} pairs: mean {statistics.mean(diff):+.4f} "
-              f"(standard error {se:.4f}); ahead in {sum(d > 0 for d in diff)}, level in {sum(d == 0 for d in diff)}, "
-              f"behind in {sum(d < 0 for d in diff)}")
-    if a.matched:
-        same = lambda r, g: r.keys() == g.keys() and all(torch.equal(r[k], g[k]) for k in r)
-        pairs = [(f, g) for lvl in levels for f, g in zip(res[('matched', lvl)], res[('fasterai', lvl)])]
-        n_same = sum(same(f['weights'], g['weights']) for f, g in pairs)
-        print(f"fastsparse at fasterai's counts at every step: final weights, BatchNorm statistics included, bit-identical to fasterai's "
-              f"in {n_same} of {len(pairs)} pairs; accuracy equal in {sum(f['acc'] == g['acc'] for f, g in pairs)} of {len(pairs)}")
-    for lvl in levels:
-        fs, fai = res[('fastsparse', lvl)], res[('fasterai', lvl)]
-        print(f"{lvl:.2f}: achieved conv sparsity fastsparse {fs[0]['sparsity']:.5f}, fasterai {fai[0]['sparsity']:.5f}; "
-              f"first conv {fs[0]['layer_sparsity']['0']:.4f} vs {fai[0]['layer_sparsity']['0']:.4f}")
+            print(f"all levels: accuracy fastsparse {what} - fasterai over {len(diff)} pairs: mean {statistics.mean(diff):+.4f} "
+                  f"(standard error {se:.4f}); ahead in {sum(d > 0 for d in diff)}, level in {sum(d == 0 for d in diff)}, "
+                  f"behind in {sum(d < 0 for d in diff)}")
+        if a.matched:
+            same = lambda r, g: r.keys() == g.keys() and all(torch.equal(r[k], g[k]) for k in r)
+            pairs = [(f, g) for lvl in levels for f, g in zip(res[(key('matched', ctx), lvl)], res[(fai, lvl)])]
+            n_same = sum(same(f['weights'], g['weights']) for f, g in pairs)
+            print(f"fastsparse at fasterai's counts at every step: final weights, BatchNorm statistics included, bit-identical to fasterai's "
+                  f"in {n_same} of {len(pairs)} pairs; accuracy equal in {sum(f['acc'] == g['acc'] for f, g in pairs)} of {len(pairs)}")
+        for lvl in levels:
+            fs, fa = res[(key('fastsparse', ctx), lvl)], res[(fai, lvl)]
+            per_layer = lambda r: ', '.join(f"{v:.4f}" for v in r['layer_sparsity'].values())
+            print(f"{lvl:.2f}: achieved conv sparsity fastsparse {fs[0]['sparsity']:.5f}, fasterai {fa[0]['sparsity']:.5f}; "
+                  f"per conv (seed 0) {per_layer(fs[0])} vs {per_layer(fa[0])}")
+    if a.global_:  # what one threshold over all layers buys over the same sparsity in every layer
+        print("\nglobal - local context, paired by seed:")
+        for lvl in levels:
+            parts = []
+            for m in ('fastsparse', 'fasterai'):
+                diff, se = paired(key(m, 'global'), m, lvl)
+                parts.append(f"{m} {statistics.mean(diff):+.4f} (standard error {se:.4f}, ahead in {sum(d > 0 for d in diff)} of {len(diff)})")
+            print(f"{lvl:.2f}: accuracy " + '; '.join(parts))
 
 if __name__ == '__main__': main()

@@ -1,11 +1,13 @@
-"""Benchmark of fastsparse.sensitivity: do sensitivity-derived per-layer targets beat one sparsity for every layer?
+"""Benchmark of fastsparse.sensitivity: do sensitivity-derived per-layer targets beat one sparsity for every layer, and a global threshold?
 
 On scikit-learn's digits, for each seed: train `digits_cnn` dense, run `analyze_sensitivity` on all its
 convolutions and its classifier, then fine-tune the dense model to 90% and to 95% overall sparsity (the fraction
 of zero weights over those layers) twice -- with the targets from `to_layer_targets`, and with the same
 sparsity for every layer (uniform). Both arms sparsify the same layers, to the same parameter-weighted mean,
 with the same schedule, learning rate, epochs and seed. A third arm, for reference, is the usual hand-made rule:
-first and last layer dense, the others uniform at the same overall sparsity ('ends-dense'). Prints the mean and std of the final validation
+first and last layer dense, the others uniform at the same overall sparsity ('ends-dense'). A fourth needs no
+analysis either: one magnitude threshold over the same layers ('global' context), which lets the weights'
+sizes decide how sparse each layer gets. Prints the mean and std of the final validation
 accuracy over the seeds, the per-seed numbers, and the targets of the first seed.
 
 The tiny first convolution (1 input channel) is analysed like every other layer, not excluded: keeping such a
@@ -54,12 +56,15 @@ def run_seed(a, seed):
         inner = T*P / (P - sens.params[first] - sens.params[last])
         keep_ends = {n: (0. if n in (first, last) else inner) for n in sens.layers}
         targets_by_level[T] = derived
-        for name,tg in (('uniform', uniform), ('ends-dense', keep_ends), ('derived', derived)):
+        # and one magnitude threshold over the same layers (no analysis): global context at T
+        for name,tg in (('uniform', uniform), ('ends-dense', keep_ends), ('global', T), ('derived', derived)):
             ft = learner(a, seed)
             ft.model.load_state_dict(dense)
-            cb = SparsifyCallback(tg, 'weight', 'local', 'large_final', agp.with_pcts(0., a.prune_pct))
+            ctx,inc = ('global', list(sens.layers)) if name == 'global' else ('local', None)  # (a dict names its layers itself)
+            cb = SparsifyCallback(tg, 'weight', ctx, 'large_final', agp.with_pcts(0., a.prune_pct), layer_type=(nn.Conv2d, nn.Linear), include=inc)
             row[f"{name}@{T:g}"] = fit(ft, a.epochs, a.ft_lr, cbs=cb)
             rep = cb.report.set_index('layer')
+            if name == 'global': assert rep.loc['total', 'zeros'] == round(T*P), (name, T); continue
             for n,t in tg.items(): assert rep.loc[n, 'zeros'] == round(t*rep.loc[n, 'params']), (name, T, n)
     log.info(f"seed {seed}: {time.time()-t0:.0f}s {row}")
     return row,sens,targets_by_level
@@ -99,10 +104,10 @@ def main():
     print("Mean (std) over seeds:\n")
     sd = lambda s: statistics.stdev(s) if len(s) > 1 else 0.
     for T in a.targets:
-        u,e,d = df[f"uniform@{T:g}"],df[f"ends-dense@{T:g}"],df[f"derived@{T:g}"]
+        u,e,g,d = df[f"uniform@{T:g}"],df[f"ends-dense@{T:g}"],df[f"global@{T:g}"],df[f"derived@{T:g}"]
         print(f"  {T:.0%} sparse: uniform {u.mean():.4f} ({sd(u):.4f})  ends-dense {e.mean():.4f} ({sd(e):.4f})  "
-              f"derived {d.mean():.4f} ({sd(d):.4f})  derived - uniform {d.mean()-u.mean():+.4f}  "
-              f"{'derived >= uniform' if d.mean() >= u.mean() else 'derived < uniform'}")
+              f"global {g.mean():.4f} ({sd(g):.4f})  derived {d.mean():.4f} ({sd(d):.4f})  derived - uniform {d.mean()-u.mean():+.4f}  "
+              f"derived - global {d.mean()-g.mean():+.4f} (ahead in {int((d > g).sum())}, level in {int((d == g).sum())} of {len(d)})")
     print(f"  dense: {df.dense.mean():.4f} ({sd(df.dense):.4f})\n")
     sens,tbl = first
     t = pd.DataFrame({'params': sens.params, **{f"target@{T:g}": v for T,v in tbl.items()}})

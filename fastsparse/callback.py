@@ -342,8 +342,7 @@ def _maybe_update(self:SparsifyCallback, pos:float, force:bool=False):
     if counts == self._last and not force: return
     if self.criteria.needs_act: self.sp.finish_activations()  # (reduced over processes when distributed)
     elif self.criteria.needs_grad: self.sp.sync_state()
-    if isinstance(targets, dict): self.sp.sparsify_model(targets, round_to=self.round_to)
-    else: self.sp.sparsify_model(targets, round_to=self.round_to)
+    self.sp.sparsify_model(targets, round_to=self.round_to)  # a float, or {layer_name: sparsity}
     for n in self.sp.layers:  # data accumulated since the last update has been used
         self.sp.state[n].pop('grad', None); self.sp.state[n].pop('act', None)
     self._last,self._frac,self._sparsity_cache = counts,frac,None
