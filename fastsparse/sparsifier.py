@@ -166,8 +166,13 @@ def select_layers(model:nn.Module, # the model to search
                 close = get_close_matches(p, names, n=3)
                 hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
                 raise ValueError(f"{arg}: {p!r} matches no layer with a weight.{hint} Layers: {names}")
-    res = {n:m for n,m in named if (layer_type is None or isinstance(m, layer_type))
-           and (not include or _match(n, include)) and not _match(n, exclude)}
+    typed = lambda m: layer_type is None or isinstance(m, layer_type)
+    for p in include:  # a name asked for must not vanish because of its type
+        hits = [(n,m) for n,m in named if _match(n, [p])]
+        if not any(typed(m) for _,m in hits):
+            raise ValueError(f"include: {p!r} matches only layers that layer_type={layer_type!r} leaves out: "
+                             f"{', '.join(f'{n} ({type(m).__name__})' for n,m in hits)}; add their type to layer_type, or pass layer_type=None")
+    res = {n:m for n,m in named if typed(m) and (not include or _match(n, include)) and not _match(n, exclude)}
     if not res:
         types = sorted({type(m).__name__ for _,m in named})
         raise ValueError(f"layer_type={layer_type!r}, include={include or None}, exclude={exclude or None} select no layer; "

@@ -20,6 +20,7 @@ def model():
     (dict(layer_type='Conv2d'), "layer_type must be"),
     (dict(include=['conv1']), "include: 'conv1' matches no layer"),
     (dict(exclude=['9']), "exclude: '9' matches no layer"),
+    (dict(include=['0', '6']), r"include: '6' matches only layers that layer_type=.*Conv2d.* leaves out: 6 \(Linear\)"),
     (dict(loss_func=3), "loss_func must be callable"),
 ])
 def test_constructor_errors(kwargs, match):
