@@ -304,6 +304,9 @@ def _to_layer_targets(self:SensitivityResult,
     if not lo_mean - eps <= T <= hi_mean + eps:
         raise ValueError(f"target_sparsity={T:g} is unreachable with min_sparsity={min_sparsity!r}, max_sparsity={max_sparsity!r} "
                          f"({weight}-weighted): reachable targets are [{lo_mean:.6g}, {hi_mean:.6g}]; raise max_sparsity or lower the target")
+    if T >= hi_mean - eps and hi_mean > lo_mean + eps:
+        warnings.warn(f"target_sparsity={T:g} is the most max_sparsity={max_sparsity!r} allows: every layer gets its cap and the "
+                      f"analysis has nothing to choose; raise max_sparsity to let it move sparsity between layers")
     s = dict(lo)
     segs = []  # (price per unit of budget, layer index, segment index, layer, x0, x1)
     for i,n in enumerate(self.layers):
