@@ -224,8 +224,10 @@ def masks_agree(masks:dict, # this rank's masks
 def _launch_worker(rank, fn, nprocs, port, threads, timeout, args, out):
     torch.set_num_threads(threads)
     setup_cpu_distrib(rank, nprocs, port, '127.0.0.1', timeout)
-    try: res = fn(rank, *args)
-    finally: teardown_cpu_distrib()
+    try:
+        res = fn(rank, *args)
+        dist.barrier()  # no rank leaves while another's last collective is in flight (gloo can abort a peer that tears down early)
+    finally: teardown_cpu_distrib()  # after a failure, no barrier: the other ranks may never get there
     with open(Path(out)/f'{rank}.pkl', 'wb') as f: pickle.dump(res, f)
 
 def launch_cpu(fn, # importable function, called as `fn(rank, *args)` in every process
