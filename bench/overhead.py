@@ -206,11 +206,11 @@ def main():
     cols = ['fastsparse', 'fasterai'] + (['matched'] if a.matched else [])
     name = {'fastsparse': 'fastsparse', 'fasterai': 'fasterai', 'matched': 'fastsparse@fasterai-counts'}
     print(f"\naccuracy, mean over {a.seeds} seeds (separate {a.epochs}-epoch runs):")
-    print(f"{'sparsity':>8} | {'dense':>6} | " + ' | '.join(f"{ctx + ' ' + name[m] if i == 0 else name[m]:>{max(len(name[m]), len(ctx) + 11) if i == 0 else len(name[m])}}"
-                                                    for ctx in contexts for i, m in enumerate(cols)))
+    heads = [f"{ctx} {name[m]}" if i == 0 else name[m] for ctx in contexts for i, m in enumerate(cols)]
+    arms = [key(m, ctx) for ctx in contexts for m in cols]
+    print(f"{'sparsity':>8} | {'dense':>6} | " + ' | '.join(heads))
     for lvl in levels:
-        print(f"{lvl:>8.2f} | {acc('dense', lvl):>6.4f} | " + ' | '.join(f"{acc(key(m, ctx), lvl):>{max(len(name[m]), len(ctx) + 11) if i == 0 else len(name[m])}.4f}"
-                                                              for ctx in contexts for i, m in enumerate(cols)))
+        print(f"{lvl:>8.2f} | {acc('dense', lvl):>6.4f} | " + ' | '.join(f"{acc(k, lvl):>{len(h)}.4f}" for k, h in zip(arms, heads)))
     pct = lambda x: f"{100*x:+.2f}%"
     cm = lambda v, lvl, k: statistics.mean(c[k] for c in cost[(v, lvl)])
     print(f"\nsteady-state cost (local context), mean over {a.seeds} fits where dense, fastsparse and fasterai batches alternate:")

@@ -226,7 +226,7 @@ def _launch_worker(rank, fn, nprocs, port, threads, timeout, args, out):
     setup_cpu_distrib(rank, nprocs, port, '127.0.0.1', timeout)
     try:
         res = fn(rank, *args)
-        dist.barrier()  # no rank leaves while another's last collective is in flight (gloo can abort a peer that tears down early)
+        if dist.is_initialized(): dist.barrier()  # no rank leaves while another's last collective is in flight (gloo can abort a peer that tears down early)
     finally: teardown_cpu_distrib()  # after a failure, no barrier: the other ranks may never get there
     with open(Path(out)/f'{rank}.pkl', 'wb') as f: pickle.dump(res, f)
 
