@@ -69,8 +69,14 @@ class Alternate(Callback):
         self._t = time.perf_counter()
     def after_backward(self): self._b = time.perf_counter()  # backward done; no other callback has run yet
     def after_batch(self):  # every callback's after_step, the optimizer step and zero_grad are done; no other after_batch has run
-        t = time.perf_counter()
-        if self._rec is not None: self._rec.update(batch=t - self._t, span=t - self._b)
+        if self._rec is not None: self._rec['span'] = time.perf_counter() - self._b
+
+class BatchEnd(Callback):
+    "Close `alt`'s batch record after every callback's `after_batch` (fastsparse moves its schedule's clock there)"
+    order = 10_000  # last at every event
+    def __init__(self, alt): self.alt = alt
+    def after_batch(self):
+        if self.alt._rec is not None: self.alt._rec['batch'] = time.perf_counter() - self.alt._t
 
 def _gate(cb, alt, name):
     "Let `cb` run only in `alt`'s batches of variant `name` (and outside them), adding the time of its batch events to the batch's record"
@@ -93,9 +99,9 @@ _SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".spl
 class AtFasteraiCounts(SparsifyCallback):
     "fastsparse, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
     _pos = 0.  # a class default: a Callback hands unknown attributes on to the Learner
-    def _maybe_update(self, pos, force=False):
+    def _maybe_update(self, pos):
         self._pos = pos  # fraction of training done: fasterai's `pct_train` at the next batch
-        return super()._maybe_update(pos, force)
+        return super()._maybe_update(pos)
     def _targets_at(self, frac):
         from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
         progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(min(1., self._pos), 3))  # our window
@@ -154,7 +160,7 @@ def alternate(sparsity, seed, a):
     fai = _fasterai_cb(sparsity)
     fai.__dict__['can_move_zeros'] = False  # its after_step only multiplies weights by its masks: fastsparse needn't re-zero on its account
     alt = Alternate({'fastsparse': fs, 'fasterai': fai}, steady_from=a.epochs // 2 + 1, seed=seed)  # the schedule ends at 50%
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[alt, fs, fai])
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[alt, fs, fai, BatchEnd(alt)])
     _fit(learn, a)
     assert not fs.rezero_after_step()  # as in fastsparse's own run: no re-zero after the step
     return alt.records

@@ -206,7 +206,7 @@ class SparsifyCallback(MaskHolder):
                  rewind_epoch:int=0, # epoch whose starting weights (and BatchNorm statistics) are rewound to
                  reset_end:bool=False, # rewind the remaining weights once more at the end of fit
                  save_tickets:bool=False, # save each rewound ticket to `learn.path/learn.model_dir/ticket_{i}.pth`
-                 update_every=1, # check the schedule every k optimizer steps, or 'epoch'
+                 update_every=1, # check the schedule every k training batches, or 'epoch'
                  include=None, # layer names or glob patterns to select from
                  exclude=None, # layer names or glob patterns to keep dense
                  seed:int=0): # seed of random criteria (same on every process)
@@ -220,7 +220,7 @@ class SparsifyCallback(MaskHolder):
         criteria,schedule,nm = get_criteria(criteria),get_schedule(schedule),parse_nm(nm)
         _check_layer_type(layer_type); round_to = _check_round_to(round_to)
         if not (update_every == 'epoch' or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every > 0)):
-            raise ValueError(f"update_every={update_every!r} must be a positive integer (optimizer steps) or 'epoch'")
+            raise ValueError(f"update_every={update_every!r} must be a positive integer (training batches) or 'epoch'")
         if isinstance(rewind_epoch, bool) or not isinstance(rewind_epoch, int) or rewind_epoch < 0:
             raise ValueError(f"rewind_epoch={rewind_epoch!r} must be a non-negative integer")
         if (reset_end or save_tickets) and not lth: raise ValueError("reset_end and save_tickets need lth=True")
@@ -278,7 +278,9 @@ def before_fit(self:SparsifyCallback):
     self._groups = {n: math.prod(group_shape(m.weight.shape, sp.dims[n])) for n,m in sp.layers.items()}
     self._attach()
     self._last = self._counts(self._targets_at(0.))
+    # `_good`: training batches that moved the clock (all but those whose step the grad scaler skipped)
     self._frac,self._good,self._steps_since,self._completed,self._sparsity_cache,self._settled = 0.,0,0,False,None,False
+    self._total = 0
     self._rewind = None
     if self._pending is not None: self._restore(self._pending); self._pending = None
     self.masks = sp.masks
@@ -322,24 +324,31 @@ def after_cancel_step(self:SparsifyCallback): self._skipped = True
 
 @patch
 def after_step(self:SparsifyCallback):
-    if self._skipped: self._skipped = False; self.mask_weights(); return
-    self._good += 1
-    if not self._settled:  # after the schedule's window the masks are final: nothing to look up until `after_fit`
-        self._steps_since += 1
-        pos = self._good / (self.n_iter * self.n_epoch)
-        last_of_epoch = self.iter == self.n_iter - 1
-        due = last_of_epoch if self.update_every == 'epoch' else self._steps_since >= self.update_every or last_of_epoch
-        if due:
-            self._maybe_update(pos); self._steps_since = 0
-            self._settled = pos >= self.schedule.end_pct
-    if self.rezero_after_step(): self.mask_weights()
+    if self._skipped: self.mask_weights()  # (the batch is not counted: see `after_batch`)
+    elif self.rezero_after_step(): self.mask_weights()
 
 @patch
-def _maybe_update(self:SparsifyCallback, pos:float, force:bool=False):
+def after_batch(self:SparsifyCallback):
+    "Move the schedule's clock on by one training batch, unless the grad scaler skipped its step"
+    if not self.training: return
+    if self._skipped: self._skipped = False; return
+    self._good += 1
+    if self._settled: return  # after the schedule's window the masks are final: nothing to look up until `after_fit`
+    self._steps_since += 1
+    self._total = self.n_iter * self.n_epoch  # kept for `after_fit`, where `n_iter` is the validation loader's length
+    pos = self._good / self._total
+    last_of_epoch = self.iter == self.n_iter - 1
+    due = last_of_epoch if self.update_every == 'epoch' else self._steps_since >= self.update_every or last_of_epoch
+    if due:
+        self._maybe_update(pos); self._steps_since = 0
+        self._settled = pos >= self.schedule.end_pct
+
+@patch
+def _maybe_update(self:SparsifyCallback, pos:float):
     frac = float(self.schedule(min(1., pos)))
     targets = self._targets_at(frac)
     counts = self._counts(targets)
-    if counts == self._last and not force: return
+    if counts == self._last: return
     if self.criteria.needs_act: self.sp.finish_activations()  # (reduced over processes when distributed)
     elif self.criteria.needs_grad: self.sp.sync_state()
     self.sp.sparsify_model(targets, round_to=self.round_to)  # a float, or {layer_name: sparsity}
@@ -372,7 +381,17 @@ def _rewind_weights(self:SparsifyCallback):
 @patch
 def after_fit(self:SparsifyCallback):
     if self.sp is None or in_validation_context(self.learn): return
-    if self.training_done() and self._frac < float(self.schedule(1.)): self._maybe_update(1., force=True)
+    # a fit that ran to its end leaves the final counts, even when skipped steps kept the clock short of the end. Only a
+    # change of counts prunes again: scoring again at the same counts could pick other weights (`random`, `movement`)
+    if self.training_done() and self._counts(self._targets_at(float(self.schedule(1.)))) != self._last:
+        before = self.current_sparsity()
+        self._maybe_update(1.)
+        total = self._total
+        if self._good < total: warnings.warn(
+            f"the grad scaler skipped the optimizer step of {total - self._good} of {total} training batches (inf/NaN "
+            f"gradients), so the schedule stood at {self._good / total:.1%} of the fit when training ended: the sparsity jumped "
+            f"from {before:.2%} to {self.current_sparsity():.2%} after the last step, with no training left to recover. "
+            f"End the schedule before the fit does (e.g. `schedule=agp.with_pcts(0., 0.75)`) to leave room for skipped steps.")
     if self.reset_end: self._rewind_weights()
     self.mask_weights()
     self.report = self.sp.sparsity_report()

@@ -220,6 +220,7 @@ def before_fit(self:DynamicSparseCallback):
                                               m.weight.device).view_as(m.weight) for n,m in self.sp.layers.items()}
     self.sp.masks = self.masks
     self._model,self._good,self._grads,self._grown,self._skipped,self.history = model,0,None,{},False,[]
+    self._ticks = 0  # training batches that moved the clock (all but those whose step the grad scaler skipped)
     self._fitting = True
     self._attach()
     if self._pending is not None: self._restore(self._pending); self._pending = None
@@ -236,8 +237,8 @@ def current_sparsity(self:DynamicSparseCallback) -> float:
 
 @patch
 def fraction_at(self:DynamicSparseCallback,
-                step:int, # optimizer steps taken
-                total:int, # optimizer steps in the whole fit
+                step:int, # training batches done, counting the current one (the callback's clock)
+                total:int, # training batches in the whole fit
                )->float: # fraction of active weights moved by an update at `step`, 0 from `stop_pct` on
     "Cosine-decayed fraction `fraction * (1 + cos(pi * step / T)) / 2` with `T = stop_pct * total`"
     T = self.stop_pct * total
@@ -245,7 +246,8 @@ def fraction_at(self:DynamicSparseCallback,
 
 @patch
 def _due(self:DynamicSparseCallback, step:int) -> bool:
-    return step % self.update_every == 0 and step < self.stop_pct * self.n_epoch * self.n_iter
+    "Whether optimizer step `step`, taken in the current batch, is an update step"
+    return step % self.update_every == 0 and self._ticks + 1 < self.stop_pct * self.n_epoch * self.n_iter
 
 @patch
 def after_backward(self:DynamicSparseCallback):
@@ -262,19 +264,30 @@ def after_cancel_step(self:DynamicSparseCallback):
 @patch
 def after_step(self:DynamicSparseCallback):
     "Count the step, re-zero masked weights, and drop/regrow when an update is due"
-    if self._skipped: self._skipped = False; self._grads = None; self.mask_weights(); return
+    if self._skipped: self._grads = None; self.mask_weights(); return  # (nor is the batch: see `after_batch`)
     self._good += 1
     if self.rezero_after_step(): self.mask_weights()  # see `MaskHolder`: skipped when a step cannot move a zero
-    if self._due(self._good): self.update_masks(self._good)
+    if self._due(self._good): self.update_masks(self._good, self._ticks + 1)
     self._grads = None
+
+@patch
+def after_batch(self:DynamicSparseCallback):
+    "Move the clock of `stop_pct` and the cosine decay on by one training batch, unless the grad scaler skipped its step"
+    if not self.training: return
+    if self._skipped: self._skipped = False
+    else: self._ticks += 1
 
 # %% ../nbs/08_dst.ipynb #a1252865
 @patch
 @torch.no_grad()
 def update_masks(self:DynamicSparseCallback,
-                 step:int): # optimizer steps taken (sets the fraction and seeds the random choices)
+                 step:int, # optimizer steps taken (seeds the random choices)
+                 clock:int=None, # training batches done, for the fraction (`fraction_at`); default `step`
+                ):
     "Drop and regrow in every selected layer; zero the regrown weights and the optimizer state that changed"
-    f = self.fraction_at(step, self.n_epoch * self.n_iter)
+    total = self.n_epoch * self.n_iter
+    clock = step if clock is None else clock
+    f = self.fraction_at(clock, total)
     g = _gen(self.seed, step)
     opt = getattr(self.learn, 'opt', None)
     moved,again,before = {},0,0
@@ -293,7 +306,7 @@ def update_masks(self:DynamicSparseCallback,
         if opt is not None:
             for v in opt_states(opt, m.weight): v.masked_fill_(~new | grow, 0)
         moved[n] = int(grow.sum())
-    self.history.append(dict(step=step, epoch=self.epoch, pct=step / (self.n_epoch * self.n_iter), fraction=f,
+    self.history.append(dict(step=step, epoch=self.epoch, pct=clock / total, fraction=f,
                              moved=sum(moved.values()), regrown_dropped=again / before if before else float('nan'),
                              per_layer=moved))
     _logger.debug("step %d: moved %d connections (fraction %.4f)", step, sum(moved.values()), f)
@@ -316,6 +329,7 @@ _DST = _META + 'dst.'
 def _save_hook(self:DynamicSparseCallback, module, sd, prefix, local_metadata):
     for k,v in self.masks.items(): sd[f"{prefix}{_DST}mask.{k}"] = v.clone()
     sd[f"{prefix}{_DST}step"] = torch.tensor(self._good)
+    sd[f"{prefix}{_DST}ticks"] = torch.tensor(self._ticks)
 
 @patch
 def _load_hook(self:DynamicSparseCallback, module, sd, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -333,6 +347,7 @@ def _restore(self:DynamicSparseCallback, got:dict):
         if k not in self.masks: raise ValueError(f"checkpoint mask {k!r} names no layer this callback sparsifies ({list(self.masks)})")
         self.masks[k].copy_(v.to(self.masks[k].device))
     self._good = int(got['step'])
+    self._ticks = int(got.get('ticks', self._good))  # (a checkpoint from before the clock was kept: steps were batches)
     self.mask_all()
 
 # %% ../nbs/08_dst.ipynb #dc42ce40

@@ -6,10 +6,12 @@ from fastai.basics import Learner, Callback, Adam, SGD, OptimWrapper, CancelStep
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
 from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.training import GradientAccumulation
 from fastsparse.callback import SparsifyCallback, MaskHolder, opt_states
 from fastsparse.schedule import lin, iterative, one_shot, agp, Schedule, sched_lin
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.nm import is_nm
+from cpu_amp import CPUMixedPrecision, CountSteps
 
 def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
     set_seed(seed, reproducible=True)
@@ -92,12 +94,41 @@ class SkipSteps(Callback):
 def test_skipped_steps_do_not_move_schedule():
     cb = SparsifyCallback(0.9, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
     learn = learner(cbs=[cb, SkipSteps()])
-    learn.fit(2, 1e-3)
+    with pytest.warns(UserWarning, match=r'grad scaler skipped the optimizer step of 5 of \d+ training batches'): learn.fit(2, 1e-3)
     n_iter = len(learn.dls.train)
     # the position of an update counts only the steps that happened
     last = cb.history[-2]
     assert last['pct'] <= (2 * n_iter - 5) / (2 * n_iter) + 1e-12
     for n, m in cb.sp.layers.items(): assert int((m.weight == 0).sum()) == round(0.9 * m.weight.numel())
+
+def test_real_grad_scaler_skips_do_not_move_schedule():
+    "fastai's fp16 AMP on the CPU with a real `GradScaler` whose scale starts too high: it skips the first steps itself"
+    cb, chk, cnt = SparsifyCallback(0.9, schedule=lin, layer_type=(nn.Conv2d, nn.Linear)), CheckMasks(), CountSteps()
+    learn = learner(cbs=[cb, chk, cnt, CPUMixedPrecision(init_scale=2.**30)])
+    with pytest.warns(UserWarning, match='the sparsity jumped from') as w: learn.fit(2, 1e-3)
+    n = 2 * len(learn.dls.train)
+    assert f'skipped the optimizer step of {cnt.skipped} of {n} training batches' in str(w[-1].message)
+    assert cnt.pred_dtypes == {torch.float16}                     # the forward really ran in float16
+    assert cnt.skipped >= 10 and cnt.done + cnt.skipped == n      # the scaler halved 2**40 down to a finite gradient
+    assert chk.n == n and cb._good == cnt.done                    # masks held after every step; only real steps counted
+    # the last update during training sits at the position of the last real step; the final target is forced after fit
+    assert cb.history[-2]['pct'] == cnt.done / n and cb.history[-1]['pct'] == 1.
+    for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.9 * m.weight.numel())
+
+def test_gradient_accumulation_spans_the_fit():
+    "fastai's `GradientAccumulation` cancels every other step on purpose: the schedule is still counted over the fit's batches"
+    cb, chk = SparsifyCallback(0.9, schedule=agp.with_pcts(0., 0.5), layer_type=(nn.Conv2d, nn.Linear)), CheckMasks()
+    learn = learner(cbs=[cb, chk])
+    learn.add_cb(GradientAccumulation(2 * learn.dls.bs))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        learn.fit(4, 1e-2)
+    n = 4 * len(learn.dls.train)
+    assert n % 2 == 0 and chk.n == n // 2 and cb._good == n       # one step per two batches; every batch moved the clock
+    assert not [x for x in w if 'grad scaler' in str(x.message)]   # nothing was left for after the fit
+    # the final counts reached by half-way, as the schedule says, then two epochs of fine-tuning with the masks fixed
+    assert 0.45 < cb.history[-1]['pct'] <= 0.5 and cb.history[-1]['sparsity'] == cb.current_sparsity()
+    for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.9 * m.weight.numel())
 
 def test_lottery_ticket_rewind(tmp_path):
     torch.manual_seed(0)

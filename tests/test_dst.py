@@ -6,11 +6,13 @@ from fastai.basics import Learner, Callback, Adam, SGD, RAdam, Lamb, OptimWrappe
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
 from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.training import GradientAccumulation
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback, opt_states
 from fastsparse.sparsifier import Sparsifier, select_layers
 from fastsparse.schedule import lin
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.dst import DynamicSparseCallback, erk_sparsities, random_masks, drop_and_grow
+from cpu_amp import CPUMixedPrecision, CountSteps
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
 
@@ -201,6 +203,28 @@ def test_skipped_steps_do_not_count():
     learn.fit(1, 1e-2)
     good = len(learn.dls.train) - 5
     assert [h['step'] for h in cb.history] == list(range(4, good, 4))
+
+def test_real_grad_scaler_skips_do_not_count():
+    "fastai's fp16 AMP on the CPU with a real `GradScaler` whose scale starts too high: it skips the first steps itself"
+    cb, cnt = DynamicSparseCallback(0.9, 'rigl', update_every=4, stop_pct=1.), CountSteps()
+    learn = learner(cbs=[cb, CheckDST(), cnt, CPUMixedPrecision(init_scale=2.**30)])
+    learn.fit(1, 1e-2)
+    n = len(learn.dls.train)
+    assert cnt.pred_dtypes == {torch.float16} and cnt.skipped >= 5 and cnt.done + cnt.skipped == n
+    assert [h['step'] for h in cb.history] == list(range(4, cnt.done, 4))  # only real steps count (the last is not before stop_pct)
+    assert [h['pct'] for h in cb.history] == [s / n for s in range(4, cnt.done, 4)]  # nor do skipped batches move the clock
+
+def test_gradient_accumulation_stops_at_stop_pct():
+    "fastai's `GradientAccumulation`, one step per two batches: updates every `update_every` steps, stopping at `stop_pct` of the batches"
+    cb, chk = DynamicSparseCallback(0.9, 'rigl', update_every=2, stop_pct=0.75), CheckDST()
+    learn = learner(cbs=[cb, chk])
+    learn.add_cb(GradientAccumulation(2 * learn.dls.bs))
+    learn.fit(2, 1e-2)
+    n = 2 * len(learn.dls.train)
+    assert n % 2 == 0 and chk.n == n // 2 and chk.grown > 0
+    steps = [s for s in range(2, n // 2 + 1, 2) if 2 * s < 0.75 * n]     # optimizer step s is taken in batch 2s
+    assert [h["step"] for h in cb.history] == steps and steps[-1] < 0.75 * (n // 2)  # counted in steps, they would go on
+    for h in cb.history: assert h['pct'] == 2 * h['step'] / n and h['fraction'] == pytest.approx(cb.fraction_at(2 * h['step'], n))
 
 def test_erk_weighted_mean_and_engine_use():
     for model, s in [(digits_cnn(32), 0.9), (digits_cnn(32), 0.95), (digits_mlp(256), 0.9), (digits_mlp(256), 0.95)]:
