@@ -306,7 +306,6 @@ def before_epoch(self:SparsifyCallback):
 
 @patch
 def before_train(self:SparsifyCallback):
-    if self._good == 0 and self.epoch > 0: self._good = self.epoch * self.n_iter  # resumed without our checkpoint data
     if self.criteria.needs_act: self._act_hooks = self.sp.track_activations()
 
 @patch
@@ -332,6 +331,9 @@ def after_batch(self:SparsifyCallback):
     "Move the schedule's clock on by one training batch, unless the grad scaler skipped its step"
     if not self.training: return
     if self._skipped: self._skipped = False; return
+    # the first batch of a fit resumed at a later epoch (`start_epoch`) from weights without our checkpoint data: start
+    # the clock at that epoch (here, where `n_iter` is the training loader's length; in `before_train` it can be another's)
+    if self._good == 0 and self.train_iter == 1 and self.epoch > 0: self._good = self.epoch * self.n_iter
     self._good += 1
     if self._settled: return  # after the schedule's window the masks are final: nothing to look up until `after_fit`
     self._steps_since += 1

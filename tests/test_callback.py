@@ -62,6 +62,16 @@ def test_resume_reproduces_trajectory(tmp_path):
     assert any(k.startswith('_fastsparse.') for k in torch.load(tmp_path/'models'/'ck_1.pth', weights_only=False)['model'])
     assert set(a.model.state_dict()) == set(digits_cnn(8).state_dict())
 
+def test_resume_without_checkpoint_data_starts_at_the_epoch():
+    "fit_one_cycle(start_epoch=2) on weights without our checkpoint data, after a `validate()` left the valid loader's length in `n_iter`"
+    cb = SparsifyCallback(0.8, schedule=lin)
+    learn = learner(cbs=[cb])
+    learn.validate()
+    learn.fit_one_cycle(4, 1e-3, start_epoch=2)
+    n_iter = len(learn.dls.train)
+    assert cb.history[0]['pct'] == (2 * n_iter + 1) / (4 * n_iter) and cb._good == 4 * n_iter
+    for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.8 * m.weight.numel())
+
 def test_export_and_load_learner(tmp_path):
     learn = learner(cbs=[SparsifyCallback(0.7, 'filter', 'local', schedule=one_shot)], path=tmp_path)
     learn.fit(1, 1e-3)
