@@ -240,6 +240,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'fastsparse/dst.py'),
                                 'fastsparse.dst.DynamicSparseCallback.after_step': ( 'dst.html#dynamicsparsecallback.after_step',
                                                                                      'fastsparse/dst.py'),
+                                'fastsparse.dst.DynamicSparseCallback.before_batch': ( 'dst.html#dynamicsparsecallback.before_batch',
+                                                                                       'fastsparse/dst.py'),
                                 'fastsparse.dst.DynamicSparseCallback.before_fit': ( 'dst.html#dynamicsparsecallback.before_fit',
                                                                                      'fastsparse/dst.py'),
                                 'fastsparse.dst.DynamicSparseCallback.current_sparsity': ( 'dst.html#dynamicsparsecallback.current_sparsity',

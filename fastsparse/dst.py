@@ -250,6 +250,13 @@ def _due(self:DynamicSparseCallback, step:int) -> bool:
     return step % self.update_every == 0 and self._ticks + 1 < self.stop_pct * self.n_epoch * self.n_iter
 
 @patch
+def before_batch(self:DynamicSparseCallback):
+    "At the first batch of a fit resumed at a later epoch (`start_epoch`) from weights without our checkpoint data, start the clocks at that epoch"
+    # (`before_train` can't: there `n_iter` is still the length of whichever loader ran last, e.g. after `validate()`)
+    if self.training and self.train_iter == 0 and self.epoch > 0 and self._good == 0 and self._ticks == 0:
+        self._good = self._ticks = self.epoch * self.n_iter  # one optimizer step per batch: the best guess without the checkpoint
+
+@patch
 def after_backward(self:DynamicSparseCallback):
     "Before an update step with RigL, keep the dense gradients; then mask the gradients"
     if self.regrow == 'rigl' and self._due(self._good + 1):  # the coming step updates: keep the dense gradient

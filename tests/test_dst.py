@@ -171,6 +171,18 @@ def test_resume_reproduces_trajectory(tmp_path):
     assert any(k.startswith('_fastsparse.dst.mask.') for k in ck)
     assert set(a.model.state_dict()) == set(digits_cnn(8).state_dict())
 
+def test_resume_without_checkpoint_data_starts_at_the_epoch():
+    "fit_one_cycle(start_epoch=2) on weights without our checkpoint data, after a `validate()` left the valid loader's length in `n_iter`"
+    cb = DynamicSparseCallback(0.8, 'set', update_every=5, stop_pct=0.75)
+    learn = learner(cbs=[cb, CheckDST()])
+    learn.validate()
+    learn.fit_one_cycle(4, 1e-2, start_epoch=2)
+    n = len(learn.dls.train)
+    assert cb._good == cb._ticks == 4 * n
+    steps = [s for s in range(2 * n + 1, 4 * n + 1) if s % 5 == 0 and s < 0.75 * 4 * n]  # the steps of epochs 2 and 3 before stop_pct
+    assert steps and [h['step'] for h in cb.history] == steps
+    for h in cb.history: assert h['pct'] == h['step'] / (4 * n) and h['fraction'] == pytest.approx(cb.fraction_at(h['step'], 4 * n))
+
 def test_export_and_load_learner(tmp_path):
     learn = learner(cbs=[DynamicSparseCallback(0.9, 'rigl', update_every=5)], path=tmp_path)
     learn.fit(1, 1e-2)
