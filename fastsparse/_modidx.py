@@ -257,6 +257,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastsparse.dst._check_choice': ('dst.html#_check_choice', 'fastsparse/dst.py'),
                                 'fastsparse.dst._check_unit': ('dst.html#_check_unit', 'fastsparse/dst.py'),
                                 'fastsparse.dst._gen': ('dst.html#_gen', 'fastsparse/dst.py'),
+                                'fastsparse.dst._initial_masks': ('dst.html#_initial_masks', 'fastsparse/dst.py'),
                                 'fastsparse.dst._largest_remainder': ('dst.html#_largest_remainder', 'fastsparse/dst.py'),
                                 'fastsparse.dst._layer_targets': ('dst.html#_layer_targets', 'fastsparse/dst.py'),
                                 'fastsparse.dst._layers_of': ('dst.html#_layers_of', 'fastsparse/dst.py'),

@@ -202,9 +202,26 @@ class DynamicSparseCallback(MaskHolder):
                 f"fraction={self.fraction}, stop_pct={self.stop_pct}, distribution={self.distribution!r})")
 
 # %% ../nbs/08_dst.ipynb #220d553a
+def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
+    "First masks: a layer's own zeros when it has at least its target count of them, random positions otherwise"
+    g,masks,drawn,kept = _gen(seed, 0),{},[],[]
+    for n,m in layers.items():
+        w = m.weight.detach().reshape(-1); k = round(targets[n] * w.numel())
+        if k and int((w == 0).sum()) >= k:
+            keep = torch.ones_like(w, dtype=torch.bool)
+            keep[torch.sort(w.abs(), stable=True).indices[:k]] = False  # the zeros first, by index
+            kept.append(n)
+        else: keep = _random_keep(w.numel(), k, g, w.device); drawn.append(n)
+        masks[_wname(n)] = keep.view_as(m.weight)
+    if kept and any(round(targets[n] * layers[n].weight.numel()) for n in drawn):
+        warnings.warn(f"layers {kept} keep their zeros as masks, but {drawn} have fewer exact zeros than their "
+                      f"targets: their masks are drawn at random, which zeros trained weights")
+    return masks
+
+# %% ../nbs/08_dst.ipynb #6493fa26
 @patch
 def before_fit(self:DynamicSparseCallback):
-    "Select the layers, draw the initial random masks (or keep the last fit's), add the `sparsity` column"
+    "Select the layers, make the first masks (random, or a sparse model's zeros; a later fit keeps the last), add the `sparsity` column"
     if in_validation_context(self.learn): return  # `learn.validate()`/`get_preds` fire before_fit without training
     model = _raw(self.learn.model)
     d = isinstance(self.sparsity, dict)
@@ -214,10 +231,7 @@ def before_fit(self:DynamicSparseCallback):
     self.sp.targets.update(targets)
     names = [_wname(n) for n in self.sp.layers]
     keep = self._model is model and list(self.masks) == names   # a later fit: keep the connectivity
-    if not keep:
-        g = _gen(self.seed, 0)
-        self.masks = {_wname(n): _random_keep(m.weight.numel(), round(targets[n] * m.weight.numel()), g,
-                                              m.weight.device).view_as(m.weight) for n,m in self.sp.layers.items()}
+    if not keep: self.masks = _initial_masks(self.sp.layers, targets, self.seed)
     self.sp.masks = self.masks
     self._model,self._good,self._grads,self._grown,self._skipped,self.history = model,0,None,{},False,[]
     self._ticks = 0  # training batches that moved the clock (all but those whose step the grad scaler skipped)

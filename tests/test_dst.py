@@ -183,6 +183,24 @@ def test_resume_without_checkpoint_data_starts_at_the_epoch():
     assert steps and [h['step'] for h in cb.history] == steps
     for h in cb.history: assert h['pct'] == h['step'] / (4 * n) and h['fraction'] == pytest.approx(cb.fraction_at(h['step'], 4 * n))
 
+def test_sparse_model_keeps_its_zeros_as_masks():
+    "A fresh Learner and callback on the plain state dict saved after a DST fit start from its zeros, not new random masks"
+    kw = dict(sparsity=0.9, regrow='rigl', update_every=5, stop_pct=0.5, layer_type=CONV_LIN)
+    a = learner(digits_cnn(8), cbs=[DynamicSparseCallback(**kw)], shuffle=False)
+    a.fit_one_cycle(2, 1e-2)
+    sd = {k: v.clone() for k, v in a.model.state_dict().items()}
+    b = learner(digits_cnn(8), cbs=[DynamicSparseCallback(**{**kw, 'update_every': 10**6})], shuffle=False, seed=1)
+    b.model.load_state_dict(sd, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # every layer has its zeros: no warning
+        b.fit(1, 0.)                     # lr 0 and no update: only the masks could change a weight
+    for k, m in dst_cb(a).masks.items():
+        w = sd[k].reshape(-1); k0 = round(0.9 * w.numel()); zeros = (w == 0).nonzero().squeeze(1)
+        assert len(zeros) >= k0 and m.reshape(-1)[w != 0].all(), k  # the fit's masks hold: its zeros are at least the masked ones
+        expected = torch.ones_like(w, dtype=torch.bool); expected[zeros[:k0]] = False  # (a regrown weight still at zero: lowest index first)
+        assert torch.equal(dst_cb(b).masks[k].reshape(-1), expected), k
+        assert torch.equal(b.model.get_parameter(k), sd[k]), k  # no trained weight was zeroed
+
 def test_export_and_load_learner(tmp_path):
     learn = learner(cbs=[DynamicSparseCallback(0.9, 'rigl', update_every=5)], path=tmp_path)
     learn.fit(1, 1e-2)
