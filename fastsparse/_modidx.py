@@ -56,6 +56,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'fastsparse/callback.py'),
                                      'fastsparse.callback.SparsifyCallback._counts': ( 'callback.html#sparsifycallback._counts',
                                                                                        'fastsparse/callback.py'),
+                                     'fastsparse.callback.SparsifyCallback._keep_zeros': ( 'callback.html#sparsifycallback._keep_zeros',
+                                                                                           'fastsparse/callback.py'),
                                      'fastsparse.callback.SparsifyCallback._load_hook': ( 'callback.html#sparsifycallback._load_hook',
                                                                                           'fastsparse/callback.py'),
                                      'fastsparse.callback.SparsifyCallback._maybe_update': ( 'callback.html#sparsifycallback._maybe_update',

@@ -227,7 +227,7 @@ class SparsifyCallback(MaskHolder):
         super().__init__()
         store_attr('granularity,context,criteria,schedule,nm,layer_type,round_to,lth,rewind_epoch,reset_end,save_tickets,'
                    'update_every,include,exclude,seed')
-        self.sp,self._pending,self._hooks,self._rewind,self._act_hooks = None,None,[],None,[]
+        self.sp,self._pending,self._hooks,self._rewind,self._act_hooks,self._floor = None,None,[],None,[],None
         self.history,self.report = [],None
 
     _stateattrs = ('sp', '_pending', '_hooks', '_rewind', '_act_hooks', '_metric')
@@ -253,9 +253,49 @@ def _build(self:SparsifyCallback):
 
 @patch
 def _targets_at(self:SparsifyCallback, frac:float):
-    "Sparsity per layer at `frac` of the schedule"
-    if isinstance(self.targets, dict): return {n: t*frac for n,t in self.targets.items()}
-    return self.targets * frac
+    "Sparsity per layer at `frac` of the schedule: from the sparsity the fit started with (`_floor`) to the target"
+    f,T = self._floor,self.targets
+    if f is None:  # a dense start: the schedule's fraction of the target
+        if isinstance(T, dict): return {n: t*frac for n,t in T.items()}
+        return T * frac
+    lerp = lambda f0, t: t if frac >= 1 else f0 + frac * (t - f0)  # exactly the target at the end
+    if isinstance(f, dict): return {n: lerp(f[n], T[n] if isinstance(T, dict) else T) for n in f}
+    return lerp(f, T)
+
+@patch
+@torch.no_grad()
+def _keep_zeros(self:SparsifyCallback):
+    """Mask the groups that are zero already (up to each target count) and return the sparsity they make, the start of
+    the schedule: per layer (local), over all layers (global), or None when there are none (or N:M)"""
+    sp = self.sp
+    if sp.nm is not None: return None
+    zero = {}
+    for n,m in sp.layers.items():
+        nz = m.weight.detach() != 0
+        if sp.dims[n]: nz = nz.any(dim=sp.dims[n], keepdim=True)
+        zero[n] = ~nz.reshape(-1)
+    if not any(bool(z.any()) for z in zero.values()): return None
+    G = self._groups
+    def pin(n, k):  # mask the first `k` zero groups of layer n (by index)
+        keep = torch.ones(G[n], dtype=torch.bool)
+        keep[zero[n].nonzero().squeeze(1)[:k].cpu()] = False
+        sp._set_masks(n, keep)
+    if self.context == 'global':
+        K = left = round(self.targets * sum(G.values()))
+        for n in sp.layers:
+            k = min(int(zero[n].sum()), left); pin(n, k); left -= k
+        Z = K - left
+        for n in sp.layers: sp.targets[n] = self.targets if Z == K else Z / sum(G.values())
+        sp.apply_masks()
+        return Z / sum(G.values())
+    T = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in sp.layers}
+    floor = {}
+    for n in [n for n in sp.layers if n in T]:
+        K = round(T[n] * G[n]); k = min(int(zero[n].sum()), K)
+        pin(n, k)
+        floor[n] = k / G[n]; sp.targets[n] = T[n] if k == K else floor[n]
+    sp.apply_masks()
+    return floor
 
 @patch
 def _counts(self:SparsifyCallback, targets):
@@ -277,6 +317,9 @@ def before_fit(self:SparsifyCallback):
     sp = self.sp
     self._groups = {n: math.prod(group_shape(m.weight.shape, sp.dims[n])) for n,m in sp.layers.items()}
     self._attach()
+    # a sparse model (a second fit, a sparse checkpoint, pruned before) starts where it is: its zeros stay masked and the
+    # schedule runs from there to the target. A resumed fit takes its start from the checkpoint instead (`_restore`)
+    self._floor = self._keep_zeros() if self._pending is None else None
     self._last = self._counts(self._targets_at(0.))
     # `_good`: training batches that moved the clock (all but those whose step the grad scaler skipped)
     self._frac,self._good,self._steps_since,self._completed,self._sparsity_cache,self._settled = 0.,0,0,False,None,False
@@ -284,6 +327,7 @@ def before_fit(self:SparsifyCallback):
     self._rewind = None
     if self._pending is not None: self._restore(self._pending); self._pending = None
     self.masks = sp.masks
+    if self._floor is not None: self.mask_all()  # the kept zeros: optimizer state too (a second fit keeps the optimizer)
     self._metric = ValueMetric(self.current_sparsity, 'sparsity')
     self.learn.metrics = L(self.learn.metrics) + [self._metric]
     _logger.info(f"{sp!r}: target {self.targets}, {self.schedule}")
@@ -420,6 +464,10 @@ def _save_hook(self:SparsifyCallback, module, sd, prefix, local_metadata):
         for k,v in d.items(): sd[f"{prefix}{_META}state.{n}|{k}"] = v
     for n,t in st['targets'].items(): sd[f"{prefix}{_META}target.{n}"] = torch.tensor(t, dtype=torch.float64)
     sd[f"{prefix}{_META}meta"] = torch.tensor([st['n_updates'], self._frac, self._good], dtype=torch.float64)
+    f = self._floor
+    if isinstance(f, dict):
+        for n,v in f.items(): sd[f"{prefix}{_META}floor.{n}"] = torch.tensor(v, dtype=torch.float64)
+    elif f is not None: sd[f"{prefix}{_META}floor"] = torch.tensor(f, dtype=torch.float64)
     if self._rewind is not None:
         for k,v in self._rewind.items(): sd[f"{prefix}{_META}rewind.{k}"] = v
 
@@ -444,6 +492,8 @@ def _restore(self:SparsifyCallback, got:dict):
     self._good = int(good)
     self.sp.load_state_dict({'masks': masks, 'state': state, 'targets': targets, 'n_updates': int(n_upd)})
     self._frac,self._sparsity_cache,self._settled = frac,None,False
+    floor = {k[6:]: float(v) for k,v in got.items() if k.startswith('floor.')}
+    self._floor = floor or (float(got['floor']) if 'floor' in got else None)
     self._last = self._counts(self._targets_at(frac))
     rw = {k[7:]: v for k,v in got.items() if k.startswith('rewind.')}
     if rw: self._rewind = rw

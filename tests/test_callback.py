@@ -72,6 +72,58 @@ def test_resume_without_checkpoint_data_starts_at_the_epoch():
     assert cb.history[0]['pct'] == (2 * n_iter + 1) / (4 * n_iter) and cb._good == 4 * n_iter
     for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.8 * m.weight.numel())
 
+class ZerosHeld(Callback):
+    "After every optimizer step: every weight that was zero when the fit began is still zero; the selected layers' exact zero counts"
+    order = SparsifyCallback.order + 1
+    def before_fit(self):
+        self.n, self.counts = 0, []
+        self.zero = {n: m.weight == 0 for n, m in self.learn.model.named_modules() if isinstance(m, nn.Conv2d)}
+    def after_step(self):
+        check_masks(self)
+        mods = dict(self.learn.model.named_modules())
+        for n, z in self.zero.items(): assert (mods[n].weight[z] == 0).all(), n
+        self.counts.append({n: int((mods[n].weight == 0).sum()) for n in self.zero})
+
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_second_fit_keeps_the_masks(context):
+    "A second fit with the same callback starts at the sparsity the first ended with: its masks hold, they are not redrawn from 0%"
+    cb, held = SparsifyCallback(0.8, 'weight', context, schedule=agp.with_pcts(0., 0.5)), ZerosHeld()
+    learn = learner(cbs=[cb])
+    learn.fit_one_cycle(2, 1e-2)
+    masks, n_hist = {k: v.clone() for k, v in cb.sp.masks.items()}, len(cb.history)
+    learn.fit_one_cycle(2, 1e-2, cbs=[held])
+    assert held.n == 2 * len(learn.dls.train) and all(c == held.counts[0] for c in held.counts)  # the same zeros at every step
+    assert masks.keys() == cb.sp.masks.keys() and all(torch.equal(masks[k], cb.sp.masks[k]) for k in masks)
+    assert n_hist > 0 and len(cb.history) == n_hist  # no update: the counts were reached before the fit
+    if context == 'local':
+        for n, row in learn.sparsity_report.set_index('layer').drop('total').iterrows():
+            assert row.zeros == round(0.8 * row.params) and row.target == 0.8, n
+    else: assert sum(held.counts[0].values()) == round(0.8 * sum(m.weight.numel() for m in cb.sp.layers.values()))
+
+def test_sparse_model_schedule_starts_at_its_sparsity(tmp_path):
+    "A fresh callback on a 50%-sparse state dict: its zeros stay zero and the schedule runs from 50% to the 80% asked; resume too"
+    a = learner(cbs=[SparsifyCallback(0.5, schedule=one_shot)])
+    a.fit(1, 1e-2)
+    sd = {k: v.clone() for k, v in a.model.state_dict().items()}
+    cb, held, trace = SparsifyCallback(0.8, schedule=lin), ZerosHeld(), Trace()
+    b = learner(cbs=[cb], shuffle=False, seed=1, path=tmp_path)
+    b.model.load_state_dict(sd)
+    b.fit_one_cycle(4, 1e-2, cbs=[held, trace, SaveModelCallback(every_epoch=True, with_opt=True, fname='ck')])
+    sizes = {n: m.weight.numel() for n, m in cb.sp.layers.items()}
+    assert held.counts[0] == {n: round(0.5 * sizes[n]) for n in sizes}  # not fewer zeros after the first step (lin starts at 0)
+    n, total = len(b.dls.train), 4 * len(b.dls.train)
+    for h in cb.history:   # the schedule's fraction of the way from 50% to 80%, layer by layer
+        assert h['sparsity'] == pytest.approx(sum(round((0.5 + h['schedule'] * 0.3) * sizes[k]) for k in sizes) / sum(sizes.values()))
+    assert {k: int((m.weight == 0).sum()) for k, m in cb.sp.layers.items()} == {k: round(0.8 * sizes[k]) for k in sizes}  # exact at the end
+    # resumed from a checkpoint of this fit, the start (50%) comes from the checkpoint, not from the zeros it has then
+    c = learner(cbs=[SparsifyCallback(0.8, schedule=lin)], shuffle=False, seed=2, path=tmp_path)
+    c_trace = Trace()
+    c.load('ck_1', with_opt=True)
+    c.fit_one_cycle(4, 1e-2, start_epoch=2, cbs=[c_trace])
+    assert [r for r in trace.rows if r[0] >= 2] == [r for r in c_trace.rows if r[0] >= 2]
+    for (ka, va), (kc, vc) in zip(b.model.state_dict().items(), c.model.state_dict().items()):
+        assert ka == kc and torch.equal(va, vc), ka
+
 def test_export_and_load_learner(tmp_path):
     learn = learner(cbs=[SparsifyCallback(0.7, 'filter', 'local', schedule=one_shot)], path=tmp_path)
     learn.fit(1, 1e-3)
