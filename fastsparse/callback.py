@@ -274,6 +274,7 @@ def _keep_zeros(self:SparsifyCallback):
         nz = m.weight.detach() != 0
         if sp.dims[n]: nz = nz.any(dim=sp.dims[n], keepdim=True)
         zero[n] = ~nz.reshape(-1)
+        if zero[n].all(): zero[n].zero_()  # a layer that is all zeros was initialized so (zero-init), not pruned
     if not any(bool(z.any()) for z in zero.values()): return None
     G = self._groups
     def pin(n, k):  # mask the first `k` zero groups of layer n (by index)

@@ -207,7 +207,8 @@ def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
     g,masks,drawn,kept = _gen(seed, 0),{},[],[]
     for n,m in layers.items():
         w = m.weight.detach().reshape(-1); k = round(targets[n] * w.numel())
-        if k and int((w == 0).sum()) >= k:
+        z = int((w == 0).sum())
+        if k and k <= z < w.numel():  # (a layer of all zeros was initialized so, not pruned: random like a fresh one)
             keep = torch.ones_like(w, dtype=torch.bool)
             keep[torch.sort(w.abs(), stable=True).indices[:k]] = False  # the zeros first, by index
             kept.append(n)

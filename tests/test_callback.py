@@ -124,6 +124,14 @@ def test_sparse_model_schedule_starts_at_its_sparsity(tmp_path):
     for (ka, va), (kc, vc) in zip(b.model.state_dict().items(), c.model.state_dict().items()):
         assert ka == kc and torch.equal(va, vc), ka
 
+def test_zero_initialized_layer_is_not_taken_for_pruned():
+    "A layer of all zeros (zero-init) starts dense like any fresh layer: no start point, masks from the criterion"
+    model = digits_cnn(8); nn.init.zeros_(dict(model.named_modules())['12'].weight)  # the classifier (Linear)
+    cb = SparsifyCallback(0.5, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    learner(model, cbs=[cb]).fit(1, 1e-2)
+    assert cb._floor is None and cb.history[0]['sparsity'] < 0.05  # the first update is the schedule's first step from 0%
+    for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.5 * m.weight.numel())
+
 def test_export_and_load_learner(tmp_path):
     learn = learner(cbs=[SparsifyCallback(0.7, 'filter', 'local', schedule=one_shot)], path=tmp_path)
     learn.fit(1, 1e-3)
