@@ -378,7 +378,8 @@ def after_batch(self:SparsifyCallback):
     if self._skipped: self._skipped = False; return
     # the first batch of a fit resumed at a later epoch (`start_epoch`) from weights without our checkpoint data: start
     # the clock at that epoch (here, where `n_iter` is the training loader's length; in `before_train` it can be another's)
-    if self._good == 0 and self.train_iter == 1 and self.epoch > 0: self._good = self.epoch * self.n_iter
+    # The clock then already holds the progress that the model's zeros show: the schedule runs from 0%, not from them
+    if self._good == 0 and self.train_iter == 1 and self.epoch > 0: self._good,self._floor = self.epoch * self.n_iter,None
     self._good += 1
     if self._settled: return  # after the schedule's window the masks are final: nothing to look up until `after_fit`
     self._steps_since += 1

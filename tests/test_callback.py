@@ -72,6 +72,18 @@ def test_resume_without_checkpoint_data_starts_at_the_epoch():
     assert cb.history[0]['pct'] == (2 * n_iter + 1) / (4 * n_iter) and cb._good == 4 * n_iter
     for m in cb.sp.layers.values(): assert int((m.weight == 0).sum()) == round(0.8 * m.weight.numel())
 
+def test_resume_from_plain_sparse_weights_follows_the_schedule(tmp_path):
+    "start_epoch=2 on the plain weights saved after epoch 1 (no checkpoint data): the counts follow the uninterrupted run's"
+    a = learner(cbs=[SparsifyCallback(0.8, schedule=lin)], shuffle=False, path=tmp_path)
+    a.fit_one_cycle(4, 1e-2, cbs=[SaveModelCallback(every_epoch=True, fname='ck')])
+    sd = {k: v for k, v in torch.load(tmp_path/'models'/'ck_1.pth', weights_only=False).items() if not k.startswith('_fastsparse.')}
+    cb = SparsifyCallback(0.8, schedule=lin)
+    b = learner(cbs=[cb], shuffle=False, seed=1)
+    b.model.load_state_dict(sd, strict=True)
+    b.fit_one_cycle(4, 1e-2, start_epoch=2)
+    ca = [c for c in a.cbs if isinstance(c, SparsifyCallback)][0]
+    assert cb.history and [(h['pct'], h['sparsity']) for h in cb.history] == [(h['pct'], h['sparsity']) for h in ca.history if h['epoch'] >= 2]
+
 class ZerosHeld(Callback):
     "After every optimizer step: every weight that was zero when the fit began is still zero; the selected layers' exact zero counts"
     order = SparsifyCallback.order + 1
