@@ -17,7 +17,8 @@ from fastai.optimizer import (Optimizer, OptimWrapper, sgd_step, weight_decay, l
                               momentum_step, step_stat, adam_step, radam_step, qhadam_step, lamb_step, rms_prop_step,
                               larc_layer_lr, larc_step)
 from fastcore.basics import store_attr
-from .sparsifier import Sparsifier, as_fraction, _check_round_to, _check_layer_type
+from .sparsifier import Sparsifier
+from .checks import as_fraction, check_round_to, check_layer_type
 from .criteria import get_criteria, large_final
 from .schedule import Schedule, get_schedule, agp
 from .nm import parse_nm
@@ -218,7 +219,7 @@ class SparsifyCallback(MaskHolder):
         if context not in ('local', 'global'): raise ValueError(f"context={context!r} is not valid; choose 'local' or 'global'")
         check_granularity(granularity)
         criteria,schedule,nm = get_criteria(criteria),get_schedule(schedule),parse_nm(nm)
-        _check_layer_type(layer_type); round_to = _check_round_to(round_to)
+        check_layer_type(layer_type); round_to = check_round_to(round_to)
         if not (update_every == 'epoch' or (isinstance(update_every, int) and not isinstance(update_every, bool) and update_every > 0)):
             raise ValueError(f"update_every={update_every!r} must be a positive integer (training batches) or 'epoch'")
         if isinstance(rewind_epoch, bool) or not isinstance(rewind_epoch, int) or rewind_epoch < 0:

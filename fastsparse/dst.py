@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 from fastai.basics import L, patch
 from fastai.learner import ValueMetric
 from fastcore.basics import store_attr
-from .sparsifier import Sparsifier, select_layers, as_fraction, _check_layer_type
+from .sparsifier import Sparsifier, select_layers
+from .checks import as_fraction, check_layer_type
 from .callback import MaskHolder, opt_states, in_validation_context, _raw, _META
 
 _logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class DynamicSparseCallback(MaskHolder):
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
             raise ValueError(f"update_every={update_every!r} must be a positive integer (optimizer steps)")
         fraction,stop_pct = _check_unit('fraction', fraction),_check_unit('stop_pct', stop_pct)
-        _check_layer_type(layer_type)
+        check_layer_type(layer_type)
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an integer, got {seed!r}")
         super().__init__()
         store_attr('sparsity,regrow,update_every,fraction,stop_pct,distribution,layer_type,include,exclude,seed')
