@@ -14,7 +14,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import pandas as pd
 from fastsparse.sparsifier import Sparsifier
 from fastsparse.export import (shrink, shrink_plan, shrinkable_layers, to_sparse_inference, time_inference, count_params,
-                               size_report, save_compressed, SparseLinear, _bench)
+                               size_report, save_compressed, SparseLinear, time_calls)
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
 pd.set_option('display.width', 200); pd.set_option('display.max_columns', 20); pd.set_option('display.max_colwidth', 60)
@@ -142,7 +142,7 @@ def bench_gpu(a):
                 x = torch.randn(tokens, ni, device=dev, dtype=dt)
                 try: s = SparseLinear(lin, 'semi_structured')
                 except Exception as e: rows.append(dict(dtype=str(dt), shape=f"{ni}->{no}", tokens=tokens, note=str(e)[:60])); continue
-                ts = _bench({'dense': lambda: lin(x), '2:4': lambda: s(x)}, n=a.repeats, warmup=5, device=dev)
+                ts = time_calls({'dense': lambda: lin(x), '2:4': lambda: s(x)}, n=a.repeats, warmup=5, device=dev)
                 md,ms = [sorted(ts[k])[len(ts[k])//2] for k in ('dense', '2:4')]
                 with torch.no_grad(): err = (s(x) - lin(x)).abs().max().item()
                 rows.append(dict(dtype=str(dt).replace('torch.', ''), shape=f"{ni}->{no}", tokens=tokens, dense_ms=md,

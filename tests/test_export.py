@@ -212,10 +212,10 @@ def test_to_sparse_inference_thresholds_and_errors():
     assert rep.form.tolist() == ['dense']*3 and rep.note.str.contains('min_sparsity').all()
     _,rep = to_sparse_inference(m, torch.randn(1, 256), min_speedup=1e9, n=1)
     assert rep.form.tolist() == ['dense']*3 and rep.note.iloc[0].startswith('best csr')
-    with pytest.raises(ValueError, match=r"forms: 'bsr' is not valid; choose from \['csr', 'semi_structured'\]"):
+    with pytest.raises(ValueError, match=r"forms='bsr' is not valid; choose one of \['csr', 'semi_structured'\]"):
         to_sparse_inference(m, torch.randn(1, 256), forms=['bsr'])
-    with pytest.raises(ValueError, match='min_sparsity=2 must be a fraction'): to_sparse_inference(m, torch.randn(1, 256), min_sparsity=2)
-    with pytest.raises(ValueError, match='n=0 must be an integer >= 1'): to_sparse_inference(m, torch.randn(1, 256), n=0)
+    with pytest.raises(ValueError, match='min_sparsity=150.0 is out of range'): to_sparse_inference(m, torch.randn(1, 256), min_sparsity=150)
+    with pytest.raises(ValueError, match='n must be an integer >= 1, got 0'): to_sparse_inference(m, torch.randn(1, 256), n=0)
 
 def test_unused_linear_is_left():
     class WithUnused(nn.Module):

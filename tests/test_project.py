@@ -88,3 +88,24 @@ def test_package_never_imports_torchvision():
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert not res['tried'] and not res['loaded'], f"importing {res['mods']}: tried {res['tried']}, loaded {res['loaded']}"
+
+def test_import_does_not_load_torch_pruning():
+    "Only `fastsparse.export.shrinking` uses Torch-Pruning, and it imports it when it traces a model"
+    code = ("import sys, fastsparse.all; from fastsparse.export import shrink; "
+            "assert 'torch_pruning' not in sys.modules, 'torch_pruning imported by import fastsparse.all'")
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+def test_export_is_a_package_with_the_same_names():
+    code = textwrap.dedent('''
+        import fastsparse.export as fe
+        from fastsparse.export import (shrink, shrink_plan, shrinkable_layers, to_sparse_inference, SparseLinear,
+                                       save_compressed, load_compressed, count_params, size_report, time_inference, storage_form)
+        assert fe.__path__, 'fastsparse.export is not a package'
+        ns = {}
+        exec('from fastsparse.all import *', ns)
+        missing = [n for n in fe.__all__ if ns.get(n) is not getattr(fe, n)]
+        assert not missing, missing
+    ''')
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
