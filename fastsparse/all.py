@@ -6,10 +6,14 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #5c3342b6
+from .checks import *
 from .granularity import *
 from .criteria import *
 from .schedule import *
 from .nm import *
+from .select import *
+from .tensors import *
+from .calibrate import *
 from .sparsifier import *
 from .callback import *
 from .sensitivity import *

@@ -4,8 +4,6 @@
 
 # %% ../nbs/10_regularize.ipynb #35d502b9
 from __future__ import annotations
-import math, numbers
-from difflib import get_close_matches
 import torch, torch.nn as nn
 import pandas as pd
 from fastcore.foundation import L
@@ -13,7 +11,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Metric
 from .granularity import granularity_dims
 from .schedule import get_schedule
-from .sparsifier import select_layers, _check_layer_type
+from .checks import check_number, check_choice, check_layer_type
+from .tensors import select_layers
 
 # %% auto #0
 __all__ = ['penalties', 'penalty_value', 'RegularizeCallback']
@@ -21,32 +20,16 @@ __all__ = ['penalties', 'penalty_value', 'RegularizeCallback']
 # %% ../nbs/10_regularize.ipynb #f0f677ec
 penalties = ('l1', 'l2', 'group_l1', 'group_l2')
 
-def _check_number(x, name, lo=None, lo_ok=True):
-    "`x` as a finite float, or raise naming `name` (optionally it must be `>= lo`, or `> lo` if not `lo_ok`)"
-    rule = '' if lo is None else f" {'>=' if lo_ok else '>'} {lo}"
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a finite number{rule}, got {x!r} ({type(x).__name__})")
-    x = float(x)
-    if not math.isfinite(x) or (lo is not None and (x < lo or (x == lo and not lo_ok))):
-        raise ValueError(f"{name} must be a finite number{rule}, got {x!r}")
-    return x
-
 def _check_clamp(clamp, target):
     "`clamp` as a pair `(lo, hi)` (each a float or None), or None"
     if clamp is None: return None
     if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2) or clamp == (None, None) or list(clamp) == [None, None]:
         raise TypeError(f"clamp must be None or a pair (lo, hi) of numbers or None (one-sided), e.g. (target, None); got {clamp!r}")
-    lo,hi = (None if v is None else _check_number(v, f'clamp[{i}]') for i,v in enumerate(clamp))
+    lo,hi = (None if v is None else check_number(v, f'clamp[{i}]') for i,v in enumerate(clamp))
     if lo is not None and hi is not None and not lo < hi: raise ValueError(f"clamp=(lo, hi) needs lo < hi, got {clamp!r}")
     if (lo is not None and target < lo) or (hi is not None and target > hi):
         raise ValueError(f"clamp={clamp!r} excludes target={target!r}: the weights could never reach it")
     return lo,hi
-
-def _check_penalty(penalty):
-    if isinstance(penalty, str) and penalty in penalties: return penalty
-    close = get_close_matches(penalty.lower(), penalties, n=2) if isinstance(penalty, str) else []
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-    raise ValueError(f"penalty={penalty!r} is not valid; choose one of {list(penalties)}.{hint}")
 
 # %% ../nbs/10_regularize.ipynb #57463d67
 def penalty_value(d:torch.Tensor, # the deviation `w - t` of one weight tensor
@@ -58,7 +41,7 @@ def penalty_value(d:torch.Tensor, # the deviation `w - t` of one weight tensor
     if penalty == 'l2' or (penalty == 'group_l2' and not dims): return d.pow(2).sum()
     if penalty == 'group_l1': return torch.linalg.vector_norm(d, dim=dims).sum()
     if penalty == 'group_l2': return d.abs().sum(dim=dims).pow(2).sum()
-    _check_penalty(penalty)
+    check_choice(penalty, penalties, 'penalty')
 
 # %% ../nbs/10_regularize.ipynb #0c71ca7e
 class _RegValue(Metric):
@@ -89,12 +72,12 @@ class RegularizeCallback(Callback):
                  include=None, # layer names or glob patterns to choose from (None: all)
                  exclude=None, # layer names or glob patterns to leave alone
                  eps:float=1e-3): # a weight counts as "at the target" when |w - target| <= eps
-        self.target = _check_number(target, 'target')
-        self.penalty = _check_penalty(penalty)
-        self.strength = _check_number(strength, 'strength', 0)
+        self.target = check_number(target, 'target')
+        self.penalty = check_choice(penalty, penalties, 'penalty')
+        self.strength = check_number(strength, 'strength', lo=0)
         self.schedule = None if schedule is None else get_schedule(schedule)
         self.clamp = _check_clamp(clamp, self.target)
-        self.eps = _check_number(eps, 'eps', 0, lo_ok=False)
+        self.eps = check_number(eps, 'eps', lo=0, lo_ok=False)
         if granularity is not None and not isinstance(granularity, str):
             raise TypeError(f"granularity must be a granularity name or None, got {granularity!r} ({type(granularity).__name__})")
         if self.penalty in ('l1', 'l2'):
@@ -103,7 +86,7 @@ class RegularizeCallback(Callback):
                                  f"penalty={self.penalty!r} works on single weights (leave granularity=None)")
             granularity = 'weight'
         self.granularity = granularity or 'filter'
-        _check_layer_type(layer_type)
+        check_layer_type(layer_type)
         if layer_type is not None:
             for t in (layer_type if isinstance(layer_type, tuple) else (layer_type,)): granularity_dims(t, self.granularity)
         self.layer_type,self.include,self.exclude = layer_type,include,exclude

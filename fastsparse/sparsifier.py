@@ -4,196 +4,24 @@
 
 # %% ../nbs/04_sparsifier.ipynb #7d92e07e
 from __future__ import annotations
-import math, re, warnings, fnmatch, logging, zlib
-from difflib import get_close_matches
-import torch, torch.nn as nn, torch.nn.functional as F
+import warnings, logging, zlib
+import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
-from fastcore.basics import store_attr, listify
-from .granularity import granularity_dims, group_shape, get_layout, available_granularities
-from .criteria import Criteria, get_criteria, large_final
+from fastcore.basics import store_attr
+from .checks import as_fraction, check_choice, check_round_to
+from .granularity import granularity_dims, group_shape, get_layout
+from .criteria import get_criteria, large_final
 from .nm import parse_nm, nm_mask_gradual
+from .select import select_keep, ScoreFn, round_keep
+from .tensors import select_layers, find_bn_after, resolve_layer, weight_name
+from .calibrate import (calibrate, accumulate_grad, track_activations, finish_activations, dist_active,
+                                  sync_state, broadcast_masks)
 
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['as_fraction', 'select_keep', 'ScoreFn', 'select_layers', 'Sparsifier', 'dist_active']
-
-# %% ../nbs/04_sparsifier.ipynb #1a06e9c1
-def as_fraction(s, # a fraction in [0, 1] or a percentage in (1, 100]
-                name:str='sparsity') -> float: # argument name used in error messages
-    "Validate a sparsity value and return it as a fraction in [0, 1]"
-    if isinstance(s, Tensor) and s.numel() == 1: s = s.item()
-    if isinstance(s, bool) or not isinstance(s, (int, float)) and not hasattr(s, '__float__'):
-        raise TypeError(f"{name} must be a number (fraction in [0, 1] or percentage in (1, 100]), got {s!r} ({type(s).__name__})")
-    s = float(s)
-    if math.isnan(s): raise ValueError(f"{name} is NaN; give a fraction in [0, 1] or a percentage in (1, 100]")
-    if 0 <= s <= 1: return s
-    if 1 < s <= 100: return s / 100
-    raise ValueError(f"{name}={s!r} is out of range; give a fraction in [0, 1] or a percentage in (1, 100]")
-
-# %% ../nbs/04_sparsifier.ipynb #e2796977
-_CHUNK = 1 << 22
-
-def _ordered_key(s:Tensor) -> Tensor:
-    "int32 keys whose signed order is the float32 order of `s` (with -0.0 == +0.0 already normalized)"
-    b = (s.float() + 0.0).contiguous().view(torch.int32)
-    return torch.where(b < 0, b ^ 0x7FFFFFFF, b)
-
-def _key_to_float(k:int) -> float:
-    b = k ^ 0x7FFFFFFF if k < 0 else k
-    return torch.tensor([b], dtype=torch.int32).view(torch.float32).item()
-
-def _prune_first_ties(eq:Tensor, keep:Tensor, r:int) -> int:
-    "Mark the first `r` True entries of `eq` (in index order) as pruned in `keep`, chunk by chunk; return what is left of r"
-    for st in range(0, eq.numel(), _CHUNK):
-        if r <= 0: break
-        e = eq[st:st+_CHUNK]
-        c = int(e.sum())
-        if c == 0: continue
-        if c <= r: keep[st:st+_CHUNK][e] = False; r -= c
-        else:
-            idx = e.nonzero().squeeze(1)[:r] + st
-            keep[idx] = False; r = 0
-    return r
-
-def _select_exact(score_fns, k):
-    "Fallback: bisection on ordered keys with counting passes, then ties resolved in position order"
-    if k == 0: return [torch.ones(f.numel, dtype=torch.bool) for f in score_fns]
-    lo,hi = -(2**31), 2**31 - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        c = sum(int((_ordered_key(f()) <= mid).sum()) for f in score_fns)
-        if c >= k: hi = mid
-        else: lo = mid + 1
-    t = _key_to_float(lo)
-    keeps,below = [],0
-    for f in score_fns:
-        s = f(); keeps.append(s > t); below += int((s < t).sum())
-    r = k - below
-    for f,keep in zip(score_fns, keeps):
-        eq = f() == t
-        keep |= eq  # equal to the cut: kept, unless among the first r in position order
-        if r > 0: r = _prune_first_ties(eq, keep, r)
-    return keeps
-
-def select_keep(score_fns:list, # per layer, a function returning its 1-D float32 group scores
-                k:int, # number of groups to prune over all layers
-                sample_fns:list=None, # per layer, `f(step)` returning the scores at positions 0, step, 2*step...
-                sample_size:int=1<<20, # scores sampled to bracket the cut
-                cap:int=None, # most candidates held at once (default: max(2^20, N/256))
-                small:int=1<<20) -> list: # up to this many scores in all, sort them outright
-    "Boolean keep-masks (one per layer) pruning exactly the `k` lowest scores overall, ties by position"
-    if sample_fns is None: sample_fns = [None]*len(score_fns)
-    samples = []
-    sizes = [getattr(f, 'numel', None) for f in score_fns]
-    if any(s is None for s in sizes): raise TypeError("score_fns must carry a `numel` attribute (see `ScoreFn`)")
-    N = sum(sizes)
-    if not 0 <= k <= N: raise ValueError(f"k={k} must be within [0, {N}]")
-    if k == 0: return [torch.ones(n, dtype=torch.bool) for n in sizes]
-    if k == N: return [torch.zeros(n, dtype=torch.bool) for n in sizes]
-    if N <= small:  # small enough to sort outright: one stable sort is cheapest
-        s = torch.cat([f().reshape(-1) for f in score_fns])
-        if torch.isnan(s).any(): raise ValueError("scores contain NaN (are the weights finite?)")
-        keep = torch.ones(N, dtype=torch.bool); keep[torch.sort(s, stable=True).indices[:k]] = False
-        return list(keep.split(sizes))
-    step = max(1, N // sample_size)
-    for f,sf in zip(score_fns, sample_fns): samples.append(sf(step) if sf is not None else f()[::step])
-    smp = torch.sort(torch.cat(samples)).values
-    S,q = smp.numel(),k/N
-    margin = 4*math.sqrt(S*q*(1-q)) + 16
-    i_lo,i_hi = int(math.floor(q*S - margin)),int(math.ceil(q*S + margin))
-    lo = smp[i_lo].item() if i_lo >= 0 else -math.inf
-    hi = smp[i_hi].item() if i_hi < S else math.inf
-    del smp, samples
-    cap = cap or max(1<<20, N >> 8)
-    keeps,cand_s,cand_i,below,C = [],[],[],0,0
-    big = max(sizes)
-    ltb = torch.empty(big, dtype=torch.bool)  # reused by every layer: no page faults for fresh memory
-    sb = torch.empty(big) if any(getattr(f, 'f_out', None) for f in score_fns) else None
-    for li,f in enumerate(score_fns):
-        s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
-        lt = torch.lt(s, lo, out=ltb[:s.numel()])
-        nb = int(torch.count_nonzero(lt)); below += nb
-        gt = s > hi
-        keeps.append(gt)
-        n_mid = s.numel() - nb - int(torch.count_nonzero(gt))
-        C += n_mid
-        if n_mid and C <= cap:
-            idx = lt.logical_or_(gt).logical_not_().nonzero().squeeze(1)
-            cand_s.append(s[idx]); cand_i.append((li, idx))
-        del s, lt
-    kk = k - below
-    if C > cap or not 0 <= kk <= C:
-        _logger.info(f"select_keep: bracket missed (candidates={C}, needed={kk}); exact fallback")
-        return _select_exact(score_fns, k)
-    cand = torch.cat(cand_s) if cand_s else torch.empty(0)
-    if torch.isnan(cand).any(): raise ValueError("scores contain NaN (are the weights finite?)")
-    order = torch.sort(cand, stable=True).indices
-    flags = torch.ones(C, dtype=torch.bool); flags[order[:kk]] = False
-    st = 0
-    for li,idx in cand_i:
-        keeps[li][idx] = flags[st:st+idx.numel()]; st += idx.numel()
-    return keeps
-
-class ScoreFn:
-    "A zero-argument callable returning 1-D float32 scores, with their count as `numel` (and `f_out(out)` writing into a buffer)"
-    def __init__(self, f, numel, f_out=None): self.f,self.numel,self.f_out = f,numel,f_out
-    def __call__(self): return self.f()
-
-# %% ../nbs/04_sparsifier.ipynb #3f94ef7a
-def _check_layer_type(layer_type):
-    if layer_type is None: return
-    lts = layer_type if isinstance(layer_type, tuple) else (layer_type,)
-    if not lts or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in lts):
-        raise TypeError(f"layer_type must be an nn.Module subclass, a tuple of them, or None; got {layer_type!r}")
-
-def _match(name, pats): return any(name == p or fnmatch.fnmatchcase(name, p) for p in pats)
-
-def select_layers(model:nn.Module, # the model to search
-                  layer_type=nn.Conv2d, # class or tuple of classes (isinstance); None: any module with a weight
-                  include=None, # names or glob patterns to choose from (None: all)
-                  exclude=None) -> dict: # names or glob patterns to leave dense (e.g. the classifier)
-    "Ordered `{name: module}` of the layers with a `weight` parameter that match `layer_type`, `include` and not `exclude`"
-    _check_layer_type(layer_type)
-    include,exclude = listify(include),listify(exclude)
-    named = [(n,m) for n,m in model.named_modules() if isinstance(getattr(m, 'weight', None), nn.Parameter)]
-    names = [n for n,_ in named]
-    for arg,pats in (('include',include),('exclude',exclude)):
-        for p in pats:
-            if not isinstance(p, str): raise TypeError(f"{arg} must hold layer names or glob patterns, got {p!r}")
-            if not any(_match(n, [p]) for n in names):
-                close = get_close_matches(p, names, n=3)
-                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-                raise ValueError(f"{arg}: {p!r} matches no layer with a weight.{hint} Layers: {names}")
-    typed = lambda m: layer_type is None or isinstance(m, layer_type)
-    for p in include:  # a name asked for must not vanish because of its type
-        hits = [(n,m) for n,m in named if _match(n, [p])]
-        if not any(typed(m) for _,m in hits):
-            raise ValueError(f"include: {p!r} matches only layers that layer_type={layer_type!r} leaves out: "
-                             f"{', '.join(f'{n} ({type(m).__name__})' for n,m in hits)}; add their type to layer_type, or pass layer_type=None")
-    res = {n:m for n,m in named if typed(m) and (not include or _match(n, include)) and not _match(n, exclude)}
-    if not res:
-        types = sorted({type(m).__name__ for _,m in named})
-        raise ValueError(f"layer_type={layer_type!r}, include={include or None}, exclude={exclude or None} select no layer; "
-                         f"the model's layers with weights have types {types}")
-    return res
-
-# %% ../nbs/04_sparsifier.ipynb #51e12a68
-def _find_bn_after(model, layers):
-    "Map selected layer names to the BatchNorm that directly follows them in registration order (same width)"
-    mods,res = [(n,m) for n,m in model.named_modules() if len(list(m.children())) == 0],{}
-    for (n,m),(n2,m2) in zip(mods, mods[1:]):
-        if n in layers and isinstance(m2, nn.modules.batchnorm._BatchNorm) and m2.affine:
-            lt = get_layout(m)
-            if lt is not None and m.weight.shape[lt.out_dim] == m2.num_features: res[n] = n2
-    return res
-
-def _round_keep(n, k, round_to):
-    "Adjust the prune count `k` of `n` groups so the number kept is a multiple of `round_to` (nearest, ties down)"
-    keep = n - k
-    keep = min(n - n % round_to if n % round_to else n, int(round_to * math.floor(keep/round_to + 0.5)))
-    return n - keep
+__all__ = ['Sparsifier']
 
 # %% ../nbs/04_sparsifier.ipynb #e08fe1be
 class Sparsifier:
@@ -211,7 +39,7 @@ class Sparsifier:
                  loss_func=None, # loss for gradient criteria (`taylor`); default cross-entropy on (x, y) batches
                  zero_bn:bool=True, # with 'filter' granularity, also zero the following BatchNorm's gamma/beta
                  seed:int=0): # seed for random criteria (same seed, same masks on every process)
-        if context not in ('local', 'global'): raise ValueError(f"context={context!r} is not valid; choose 'local' or 'global'")
+        check_choice(context, ('local', 'global'), 'context')
         criteria = get_criteria(criteria)
         nm = parse_nm(nm)
         if nm is not None and granularity != 'weight':
@@ -241,12 +69,13 @@ class Sparsifier:
                     warnings.warn(f"layer {n!r} ({type(m).__name__}) cannot take the {nm[0]}:{nm[1]} pattern: "
                                   f"its input dimension ({size}) is not divisible by {nm[1]}; it stays dense")
                 else: self._nm_dims[n] = lt.in_dim
-        self.bn = _find_bn_after(model, layers) if (zero_bn and granularity == 'filter') else {}
+        self.bn = find_bn_after(model, layers) if (zero_bn and granularity == 'filter') else {}
         if criteria.needs_init: self.snapshot('init')
         if criteria.needs_update: self.snapshot('prev')
         if data is not None: self.calibrate(data)
 
     def __repr__(self):
+        "The number of layers and the options"
         return (f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, "
                 f"criteria={self.criteria.name}, nm={self.nm})")
 
@@ -254,335 +83,215 @@ class Sparsifier:
         "Store a copy of every selected weight under `state[name][key]` (only for criteria that need it)"
         for n,m in self.layers.items(): self.state[n][key] = m.weight.detach().clone()
 
-    def _wname(self, n): return f"{n}.weight" if n else 'weight'
+    def weight_name(self, n:str) -> str:
+        "The qualified name of layer `n`'s weight, the key of its mask"
+        return weight_name(n)
 
-# %% ../nbs/04_sparsifier.ipynb #5f136397
-def _to_inputs(b):
-    "Split a batch into (args, kwargs, target)"
-    if isinstance(b, dict): return (),b,None
-    if isinstance(b, (tuple, list)):
-        if not b: raise ValueError("data: got an empty batch")
-        return (b[0],),{},(b[1] if len(b) > 1 else None)
-    if isinstance(b, Tensor): return (b,),{},None
-    raise TypeError(f"data batches must be tensors, (x, y) tuples or dicts of model kwargs; got {type(b).__name__}")
+    # --- data for the criteria (see `fastsparse.calibrate`)
+    def calibrate(self, data):
+        "Accumulate the gradients (`taylor`) or activation norms (`wanda`) that the criteria needs from `data` (batches)"
+        return calibrate(self, data)
 
-def _input_dim(m, x):
-    "Which dim of the layer's input holds the features that meet the weight's input dim"
-    return x.dim() - 1 if isinstance(m, (nn.Linear, nn.Bilinear)) or get_layout(m) is None or not get_layout(m).spatial else 1
+    def accumulate_grad(self):
+        "Add |w * grad| of every selected weight to its `'grad'` state (call after `backward`)"
+        accumulate_grad(self)
 
-# %% ../nbs/04_sparsifier.ipynb #dcb44022
-@torch.no_grad()
-def _act_hook(sp, n):
-    def hook(m, inp, out):
-        x = inp[0].detach()
-        d = _input_dim(m, x)
-        sq = x.float().pow(2).sum(dim=[i for i in range(x.dim()) if i != d])
-        st = sp.state[n]
-        st['_act_sq'] = sq if st.get('_act_sq') is None else st['_act_sq'] + sq
-    return hook
+    def track_activations(self) -> list:
+        "Register forward hooks accumulating input-feature norms (`wanda`); returns the handles, remove them when done"
+        return track_activations(self)
 
-def _finish_act(sp):
-    if hasattr(sp, 'sync_state'): sp.sync_state()
-    for n,m in sp.layers.items():
-        sq = sp.state[n].pop('_act_sq', None)
-        if sq is None: continue
-        lt = get_layout(m)
-        shape = [1]*m.weight.dim()
-        shape[lt.in_dim if lt is not None else -1] = -1
-        sp.state[n]['act'] = sq.sqrt().view(shape).to(m.weight.device)
+    def finish_activations(self):
+        "Turn the norms accumulated since `track_activations` into the `'act'` state, reduced over processes"
+        finish_activations(self)
 
-def _batch_loss(sp, out, y):
-    if sp.loss_func is not None and y is not None: return sp.loss_func(out, y)
-    if hasattr(out, 'loss') and out.loss is not None: return out.loss
-    if isinstance(out, dict) and out.get('loss') is not None: return out['loss']
-    if y is not None: return F.cross_entropy(out, y)
-    raise ValueError(f"criteria {sp.criteria.name!r} needs a loss: pass batches as (x, y) (with loss_func= if not "
-                     "classification) or a model whose output has a `.loss`")
+    def sync_state(self):
+        "All-reduce the accumulated criteria data over processes (activation squares summed, gradient scores averaged)"
+        return sync_state(self)
 
-# %% ../nbs/04_sparsifier.ipynb #9e93b9d5
-def _calibrate(self:Sparsifier,
-               data): # iterable of batches: tensors, (x, y) tuples or dicts of model kwargs
-    "Accumulate the gradients (`taylor`) or activation norms (`wanda`) that the criteria needs from `data`"
-    c = self.criteria
-    if not c.needs_data: return self
-    was_training = self.model.training
-    params = [p for p in self.model.parameters()]
-    saved = [None if p.grad is None else p.grad.clone() for p in params]
-    hooks = [m.register_forward_hook(_act_hook(self, n)) for n,m in self.layers.items()] if c.needs_act else []
-    for n in self.layers: self.state[n].pop('grad', None); self.state[n].pop('act', None)
-    n_batches = 0
-    try:
-        self.model.eval()
-        for b in data:
-            args,kw,y = _to_inputs(b)
-            if c.needs_grad:
-                for p in params: p.grad = None
-                with torch.enable_grad():
-                    out = self.model(*args, **kw)
-                    _batch_loss(self, out, y).backward()
-                self.accumulate_grad()
-            else:
-                with torch.no_grad(): self.model(*args, **kw)
-            n_batches += 1
-    finally:
-        for h in hooks: h.remove()
-        for p,g in zip(params, saved): p.grad = g
-        self.model.train(was_training)
-    if n_batches == 0: raise ValueError("data: the iterable yielded no batch")
-    if c.needs_act: _finish_act(self)
-    elif c.needs_grad: self.sync_state()
-    _logger.info(f"calibrated {c.name} on {n_batches} batches")
-    return self
-Sparsifier.calibrate = _calibrate
+    def broadcast_masks(self, src:int=0):
+        "Make every rank hold rank `src`'s masks"
+        return broadcast_masks(self, src)
 
-@torch.no_grad()
-def _accumulate_grad(self:Sparsifier):
-    "Add |w * grad| of every selected weight to its `'grad'` state (call after `backward`)"
-    for n,m in self.layers.items():
-        g = m.weight.grad
-        if g is None: continue
-        v = (m.weight.detach().float() * g.float()).abs_()
-        st = self.state[n]
-        st['grad'] = v if st.get('grad') is None else st['grad'].add_(v)
-Sparsifier.accumulate_grad = _accumulate_grad
+    # --- scores and masks
+    def _layer_seed(self, n) -> int:
+        "Seed of layer `n`'s random scores: the same on every process (crc32, not the salted `hash`) and at every update"
+        # one seed per layer for all updates: masks from random scores grow nested as sparsity increases
+        return zlib.crc32(f"{self.seed}|{n}".encode())
 
-def _track_activations(self:Sparsifier):
-    "Register forward hooks accumulating input-feature norms (`wanda`); returns the handles, remove them when done"
-    return [m.register_forward_hook(_act_hook(self, n)) for n,m in self.layers.items()]
-Sparsifier.track_activations = _track_activations
-Sparsifier.finish_activations = _finish_act
-
-# %% ../nbs/04_sparsifier.ipynb #c16fdd9b
-def dist_active() -> bool:
-    "True when `torch.distributed` is initialised with more than one process"
-    d = torch.distributed
-    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
-
-@torch.no_grad()
-def _sync_state(self:Sparsifier):
-    "All-reduce the accumulated criteria data: activation sums of squares (sum) and gradient scores (mean)"
-    if not dist_active(): return self
-    d = torch.distributed
-    for n in self.layers:
-        st = self.state[n]
-        if st.get('_act_sq') is not None: d.all_reduce(st['_act_sq'], op=d.ReduceOp.SUM)
-        if st.get('grad') is not None:
-            d.all_reduce(st['grad'], op=d.ReduceOp.SUM); st['grad'].div_(d.get_world_size())
-    return self
-Sparsifier.sync_state = _sync_state
-
-@torch.no_grad()
-def _broadcast_masks(self:Sparsifier, src:int=0):
-    "Make every rank hold rank `src`'s masks (bool sent as uint8, which every backend supports)"
-    if not dist_active(): return self
-    for name in sorted(self.masks):
-        m = self.masks[name]
-        buf = m.to(torch.uint8)
-        torch.distributed.broadcast(buf, src)
-        m.copy_(buf.bool())
-    return self
-Sparsifier.broadcast_masks = _broadcast_masks
-
-# %% ../nbs/04_sparsifier.ipynb #ebb96033
-def _layer_seed(self:Sparsifier, n) -> int:
-    """Seed of layer `n`'s random scores: the same in every process (crc32, not Python's salted `hash`) and at
-    every update, so masks from random scores grow nested as sparsity increases (no pruned weight comes back)"""
-    return zlib.crc32(f"{self.seed}|{n}".encode())
-Sparsifier._layer_seed = _layer_seed
-
-def _layer_scores(self:Sparsifier, n):
-    "1-D float32 group scores of layer `n` (and a sampler for the fast bracket)"
-    m,dims = self.layers[n],self.dims[n]
-    st = dict(self.state[n], seed=self._layer_seed(n))
-    w = m.weight
-    numel = 1
-    for d in group_shape(w.shape, dims): numel *= d
-    c = self.criteria
-    f_out = None
-    if c.f is torch.abs and c.elementwise and not c.needs and not dims and c.normalizer is None and w.dtype == torch.float32 and w.device.type == 'cpu':
-        f_out = lambda out: torch.abs(w.detach().reshape(-1), out=out)  # magnitude straight into a reused buffer
-    f = ScoreFn(lambda: self.criteria.group_scores(w, dims, st).reshape(-1).cpu(), numel, f_out)
-    sf = None
-    if c.elementwise and not dims and c.normalizer is None:
-        sf = lambda step: c(w.detach().reshape(-1)[::step], st).cpu() + 0.0
-    return f,sf
-Sparsifier._layer_scores = _layer_scores
-
-def _check_data(self:Sparsifier, names):
-    c = self.criteria
-    for n in names:
-        for k in c.needs:
-            if self.state[n].get(k) is None:
-                what = {'grad':'gradients','act':'activations'}.get(k)
-                if what: raise ValueError(f"criteria {c.name!r} needs {what}: pass Sparsifier(..., data=batches) or call "
-                                          f".calibrate(batches) first (layer {n!r} has none)")
-                raise ValueError(f"criteria {c.name!r} needs the {k!r} weights; call .snapshot({k!r})")
-Sparsifier._check_data = _check_data
-
-@torch.no_grad()
-def _set_masks(self:Sparsifier, n, keep_groups):
-    "Expand group keep-flags of layer `n` to a full mask, store it (keeping tensor identity) and zero BN after pruned filters"
-    m,dims = self.layers[n],self.dims[n]
-    gs = group_shape(m.weight.shape, dims)
-    mask = keep_groups.to(m.weight.device).view(gs).expand(m.weight.shape)
-    self._store_mask(self._wname(n), mask)
-    if n in self.bn:
-        bn = self.model.get_submodule(self.bn[n])
-        lt = get_layout(m)
-        red = tuple(d for d in range(m.weight.dim()) if d != lt.out_dim)
-        fkeep = mask.any(dim=red) if red else mask
-        for p in ('weight', 'bias'):
-            if getattr(bn, p, None) is not None: self._store_mask(f"{self.bn[n]}.{p}", fkeep.clone())
-Sparsifier._set_masks = _set_masks
-
-def _store_mask(self:Sparsifier, name, mask):
-    mask = mask.to(torch.bool).contiguous()
-    if name in self.masks and self.masks[name].shape == mask.shape: self.masks[name].data = mask
-    else: self.masks[name] = mask
-Sparsifier._store_mask = _store_mask
-
-def _after_update(self:Sparsifier):
-    self.broadcast_masks()
-    self.n_updates += 1
-    if self.criteria.needs_update: self.snapshot('prev')
-    self.apply_masks()
-Sparsifier._after_update = _after_update
-
-# %% ../nbs/04_sparsifier.ipynb #72e0f6b5
-@torch.no_grad()
-def _sparsify_layer(self:Sparsifier,
-                    m, # a selected layer (module) or its name
-                    sparsity, # fraction in [0, 1] or percentage in (1, 100]
-                    round_to:int=None, # keep a multiple of this many groups
-                    _apply=True):
-    "Mask exactly round(sparsity * groups) groups of layer `m` (its lowest scores), then apply the masks"
-    n = self._layer_name(m)
-    s = as_fraction(sparsity)
-    round_to = _check_round_to(round_to)
-    self._check_data([n])
-    self.targets[n] = s
-    if n in self._nm_dims: self._nm_layer(n, s)
-    elif self.nm is not None: pass  # selected but cannot take the pattern: stays dense (warned at construction)
-    else:
-        f,sf = self._layer_scores(n)
-        k = round(s * f.numel)
-        if round_to: k = _round_keep(f.numel, k, round_to)
-        self._set_masks(n, select_keep([f], k, [sf])[0])
-    if _apply: self._after_update()
-    return self
-Sparsifier.sparsify_layer = _sparsify_layer
-
-def _check_round_to(round_to):
-    if round_to is None: return None
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to <= 0:
-        raise ValueError(f"round_to={round_to!r} must be a positive integer (number of groups) or None")
-    return round_to
-
-def _layer_name(self:Sparsifier, m):
-    if isinstance(m, str):
-        if m in self.layers: return m
-        close = get_close_matches(m, list(self.layers), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-        raise ValueError(f"layer {m!r} is not a selected layer.{hint} Selected: {list(self.layers)}")
-    for n,l in self.layers.items():
-        if l is m: return n
-    raise ValueError(f"module {type(m).__name__} is not among the selected layers {list(self.layers)}")
-Sparsifier._layer_name = _layer_name
-
-def _nm_layer(self:Sparsifier, n, s):
-    nn_,mm = self.nm
-    top = 1 - nn_/mm
-    if s > top + 1e-9: raise ValueError(f"sparsity={s} exceeds what nm={self.nm} can reach ({top}); ask for at most {top}")
-    m = self.layers[n]
-    scores = self.criteria(m.weight, dict(self.state[n], seed=self._layer_seed(n)))
-    frac = min(1., s/top) if top > 0 else 0.
-    self._store_mask(self._wname(n), nm_mask_gradual(scores, nn_, mm, self._nm_dims[n], frac))
-Sparsifier._nm_layer = _nm_layer
-
-# %% ../nbs/04_sparsifier.ipynb #b7a6f112
-@torch.no_grad()
-def _sparsify_model(self:Sparsifier,
-                    sparsity, # one value for all layers, or {layer_name: value} (local context only)
-                    round_to:int=None): # keep a multiple of this many groups per layer
-    "Mask every selected layer: per layer (local), with one cut over all layers (global), or per a dict of targets"
-    round_to = _check_round_to(round_to)
-    if isinstance(sparsity, dict):
-        if self.context == 'global':
-            raise ValueError("a per-layer sparsity dict needs context='local' (got context='global'); "
-                             "give one number for a global threshold")
-        targets = {self._layer_name(k): as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items()}
-        self._check_data(list(targets))
-        for n,s in targets.items(): self.sparsify_layer(n, s, round_to, _apply=False)
-        self._after_update(); return self
-    s = as_fraction(sparsity)
-    names = list(self.layers)
-    self._check_data(names)
-    if self.context == 'local':
-        for n in names: self.sparsify_layer(n, s, round_to, _apply=False)
-        self._after_update(); return self
-    fs,sfs = zip(*[self._layer_scores(n) for n in names])
-    N = sum(f.numel for f in fs)
-    keeps = select_keep(list(fs), round(s * N), list(sfs))
-    for n,f,keep in zip(names, fs, keeps):
-        if round_to:
-            k = _round_keep(f.numel, int((~keep).sum()), round_to)
-            if k != int((~keep).sum()): keep = select_keep([f], k)[0]
-        self.targets[n] = s
-        self._set_masks(n, keep)
-    self._after_update()
-    return self
-Sparsifier.sparsify_model = _sparsify_model
-
-@torch.no_grad()
-def _apply_masks(self:Sparsifier):
-    "Zero every masked entry in place (weights, and BatchNorm gamma/beta after pruned filters)"
-    buf = None
-    for name,mask in self.masks.items():
-        p = self.model.get_parameter(name)
-        mask = mask.to(device=p.device)
-        if buf is None or buf.numel() < mask.numel() or buf.device != mask.device:
-            buf = torch.empty(max(m.numel() for m in self.masks.values()), dtype=torch.bool, device=mask.device)
-        inv = torch.logical_not(mask, out=buf[:mask.numel()].view(mask.shape))
-        p.data.masked_fill_(inv, 0.)  # +0.0, never -0.0
-    return self
-Sparsifier.apply_masks = _apply_masks
-
-# %% ../nbs/04_sparsifier.ipynb #ad5c7569
-def _sparsity_report(self:Sparsifier) -> pd.DataFrame:
-    "Per selected layer: type, params, zeros, target and achieved sparsity (masked fraction), granularity and notes"
-    rows = []
-    for n,m in self.layers.items():
+    def layer_scores(self, n:str) -> tuple:
+        "Layer `n`'s 1-D float32 group scores as a `ScoreFn`, and a sampler of them for `select_keep` (or None)"
+        m,dims = self.layers[n],self.dims[n]
+        st = dict(self.state[n], seed=self._layer_seed(n))
         w = m.weight
-        mask = self.masks.get(self._wname(n))
-        achieved = 0. if mask is None else 1 - mask.float().mean().item()
-        rows.append(dict(layer=n, type=type(m).__name__, params=w.numel(), zeros=int((w == 0).sum()),
-                         target=self.targets[n], achieved=achieved, granularity=self.granularity, note=self.notes[n]))
-    df = pd.DataFrame(rows)
-    tot = dict(layer='total', type='', params=int(df.params.sum()), zeros=int(df.zeros.sum()),
-               target=float((df.target*df.params).sum()/df.params.sum()),
-               achieved=float((df.achieved*df.params).sum()/df.params.sum()), granularity=self.granularity, note='')
-    return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
-Sparsifier.sparsity_report = _sparsity_report
+        numel = 1
+        for d in group_shape(w.shape, dims): numel *= d
+        c = self.criteria
+        f_out = None
+        if c.f is torch.abs and c.elementwise and not c.needs and not dims and c.normalizer is None and w.dtype == torch.float32 and w.device.type == 'cpu':
+            f_out = lambda out: torch.abs(w.detach().reshape(-1), out=out)  # magnitude straight into a reused buffer
+        f = ScoreFn(lambda: self.criteria.group_scores(w, dims, st).reshape(-1).cpu(), numel, f_out)
+        sf = None
+        if c.elementwise and not dims and c.normalizer is None:
+            sf = lambda step: c(w.detach().reshape(-1)[::step], st).cpu() + 0.0
+        return f,sf
 
-def _state_dict(self:Sparsifier) -> dict:
-    "Masks keyed by tensor name, targets, update count and criteria state (everything to resume)"
-    return {'masks': {k:v.clone() for k,v in self.masks.items()}, 'targets': dict(self.targets),
-            'n_updates': self.n_updates, 'state': {n:{k:v.clone() for k,v in st.items() if isinstance(v, Tensor)}
-                                                   for n,st in self.state.items()}}
-Sparsifier.state_dict = _state_dict
+    def _check_data(self, names):
+        "Raise, naming the remedy, if the criteria needs state (gradients, activations, snapshots) that a layer lacks"
+        c = self.criteria
+        for n in names:
+            for k in c.needs:
+                if self.state[n].get(k) is None:
+                    what = {'grad':'gradients','act':'activations'}.get(k)
+                    if what: raise ValueError(f"criteria {c.name!r} needs {what}: pass Sparsifier(..., data=batches) or call "
+                                              f".calibrate(batches) first (layer {n!r} has none)")
+                    raise ValueError(f"criteria {c.name!r} needs the {k!r} weights; call .snapshot({k!r})")
 
-@torch.no_grad()
-def _load_state_dict(self:Sparsifier, sd:dict):
-    "Restore masks (checked against the model's tensors), targets and state, then apply the masks"
-    if not isinstance(sd, dict) or 'masks' not in sd: raise ValueError("sd must be a dict from Sparsifier.state_dict()")
-    params = dict(self.model.named_parameters())
-    for k,v in sd['masks'].items():
-        if k not in params: raise ValueError(f"mask {k!r} names no parameter of the model")
-        if params[k].shape != v.shape: raise ValueError(f"mask {k!r} has shape {tuple(v.shape)}, parameter has {tuple(params[k].shape)}")
-    for k,v in sd['masks'].items(): self._store_mask(k, v.to(torch.bool).to(params[k].device))
-    self.targets.update(sd.get('targets', {}))
-    self.n_updates = sd.get('n_updates', 0)
-    for n,st in sd.get('state', {}).items():
-        if n in self.state: self.state[n].update(st)
-    return self.apply_masks()
-Sparsifier.load_state_dict = _load_state_dict
+    @torch.no_grad()
+    def set_masks(self, n:str, keep_groups:Tensor):
+        "Expand group keep-flags of layer `n` to a full mask, store it (keeping tensor identity) and zero BN after pruned filters"
+        m,dims = self.layers[n],self.dims[n]
+        gs = group_shape(m.weight.shape, dims)
+        mask = keep_groups.to(m.weight.device).view(gs).expand(m.weight.shape)
+        self.store_mask(self.weight_name(n), mask)
+        if n in self.bn:
+            bn = self.model.get_submodule(self.bn[n])
+            lt = get_layout(m)
+            red = tuple(d for d in range(m.weight.dim()) if d != lt.out_dim)
+            fkeep = mask.any(dim=red) if red else mask
+            for p in ('weight', 'bias'):
+                if getattr(bn, p, None) is not None: self.store_mask(f"{self.bn[n]}.{p}", fkeep.clone())
+
+    def store_mask(self, name:str, mask:Tensor):
+        "Store `mask` (as bool) under tensor `name`, updating the held mask in place when it has the same shape"
+        mask = mask.to(torch.bool).contiguous()
+        if name in self.masks and self.masks[name].shape == mask.shape: self.masks[name].data = mask
+        else: self.masks[name] = mask
+
+    # the names `fastsparse.callback` calls
+    _set_masks,_store_mask,_wname,_layer_scores = set_masks,store_mask,weight_name,layer_scores
+
+    def _after_update(self):
+        "After new masks: take rank 0's, count the update, snapshot for updating criteria, zero the weights"
+        self.broadcast_masks()
+        self.n_updates += 1
+        if self.criteria.needs_update: self.snapshot('prev')
+        self.apply_masks()
+
+    def _layer_name(self, m) -> str:
+        "The name of the selected layer `m` (a module or a name), or an error suggesting close names"
+        return resolve_layer(self.layers, m)
+
+    def _nm_layer(self, n, s):
+        "Mask layer `n` to sparsity `s` with its N:M pattern (gradually: the share of groups at n:m grows with `s`)"
+        nn_,mm = self.nm
+        top = 1 - nn_/mm
+        if s > top + 1e-9: raise ValueError(f"sparsity={s} exceeds what nm={self.nm} can reach ({top}); ask for at most {top}")
+        m = self.layers[n]
+        scores = self.criteria(m.weight, dict(self.state[n], seed=self._layer_seed(n)))
+        frac = min(1., s/top) if top > 0 else 0.
+        self.store_mask(self.weight_name(n), nm_mask_gradual(scores, nn_, mm, self._nm_dims[n], frac))
+
+    # --- sparsifying
+    @torch.no_grad()
+    def sparsify_layer(self,
+                       m, # a selected layer (module) or its name
+                       sparsity, # fraction in [0, 1] or percentage in (1, 100]
+                       round_to:int=None, # keep a multiple of this many groups
+                       _apply=True):
+        "Mask exactly round(sparsity * groups) groups of layer `m` (its lowest scores), then apply the masks"
+        n = self._layer_name(m)
+        s = as_fraction(sparsity)
+        round_to = check_round_to(round_to)
+        self._check_data([n])
+        self.targets[n] = s
+        if n in self._nm_dims: self._nm_layer(n, s)
+        elif self.nm is not None: pass  # selected but cannot take the pattern: stays dense (warned at construction)
+        else:
+            f,sf = self.layer_scores(n)
+            k = round(s * f.numel)
+            if round_to: k = round_keep(f.numel, k, round_to)
+            self.set_masks(n, select_keep([f], k, [sf])[0])
+        if _apply: self._after_update()
+        return self
+
+    @torch.no_grad()
+    def sparsify_model(self,
+                       sparsity, # one value for all layers, or {layer_name: value} (local context only)
+                       round_to:int=None): # keep a multiple of this many groups per layer
+        "Mask every selected layer: per layer (local), with one cut over all layers (global), or per a dict of targets"
+        round_to = check_round_to(round_to)
+        if isinstance(sparsity, dict):
+            if self.context == 'global':
+                raise ValueError("a per-layer sparsity dict needs context='local' (got context='global'); "
+                                 "give one number for a global threshold")
+            targets = {self._layer_name(k): as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items()}
+            self._check_data(list(targets))
+            for n,s in targets.items(): self.sparsify_layer(n, s, round_to, _apply=False)
+            self._after_update(); return self
+        s = as_fraction(sparsity)
+        names = list(self.layers)
+        self._check_data(names)
+        if self.context == 'local':
+            for n in names: self.sparsify_layer(n, s, round_to, _apply=False)
+            self._after_update(); return self
+        fs,sfs = zip(*[self.layer_scores(n) for n in names])
+        N = sum(f.numel for f in fs)
+        keeps = select_keep(list(fs), round(s * N), list(sfs))
+        for n,f,keep in zip(names, fs, keeps):
+            if round_to:
+                k = round_keep(f.numel, int((~keep).sum()), round_to)
+                if k != int((~keep).sum()): keep = select_keep([f], k)[0]
+            self.targets[n] = s
+            self.set_masks(n, keep)
+        self._after_update()
+        return self
+
+    @torch.no_grad()
+    def apply_masks(self):
+        "Zero every masked entry in place (weights, and BatchNorm gamma/beta after pruned filters)"
+        buf = None
+        for name,mask in self.masks.items():
+            p = self.model.get_parameter(name)
+            mask = mask.to(device=p.device)
+            if buf is None or buf.numel() < mask.numel() or buf.device != mask.device:
+                buf = torch.empty(max(m.numel() for m in self.masks.values()), dtype=torch.bool, device=mask.device)
+            inv = torch.logical_not(mask, out=buf[:mask.numel()].view(mask.shape))
+            p.data.masked_fill_(inv, 0.)  # +0.0, never -0.0
+        return self
+
+    # --- reporting and saving
+    def sparsity_report(self) -> pd.DataFrame:
+        "Per selected layer: type, params, zeros, target and achieved sparsity (masked fraction), granularity and notes"
+        rows = []
+        for n,m in self.layers.items():
+            w = m.weight
+            mask = self.masks.get(self.weight_name(n))
+            achieved = 0. if mask is None else 1 - mask.float().mean().item()
+            rows.append(dict(layer=n, type=type(m).__name__, params=w.numel(), zeros=int((w == 0).sum()),
+                             target=self.targets[n], achieved=achieved, granularity=self.granularity, note=self.notes[n]))
+        df = pd.DataFrame(rows)
+        tot = dict(layer='total', type='', params=int(df.params.sum()), zeros=int(df.zeros.sum()),
+                   target=float((df.target*df.params).sum()/df.params.sum()),
+                   achieved=float((df.achieved*df.params).sum()/df.params.sum()), granularity=self.granularity, note='')
+        return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
+
+    def state_dict(self) -> dict:
+        "Masks keyed by tensor name, targets, update count and criteria state (everything to resume)"
+        return {'masks': {k:v.clone() for k,v in self.masks.items()}, 'targets': dict(self.targets),
+                'n_updates': self.n_updates, 'state': {n:{k:v.clone() for k,v in st.items() if isinstance(v, Tensor)}
+                                                       for n,st in self.state.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd:dict):
+        "Restore masks (checked against the model's tensors), targets and state, then apply the masks"
+        if not isinstance(sd, dict) or 'masks' not in sd: raise ValueError("sd must be a dict from Sparsifier.state_dict()")
+        params = dict(self.model.named_parameters())
+        for k,v in sd['masks'].items():
+            if k not in params: raise ValueError(f"mask {k!r} names no parameter of the model")
+            if params[k].shape != v.shape: raise ValueError(f"mask {k!r} has shape {tuple(v.shape)}, parameter has {tuple(params[k].shape)}")
+        for k,v in sd['masks'].items(): self.store_mask(k, v.to(torch.bool).to(params[k].device))
+        self.targets.update(sd.get('targets', {}))
+        self.n_updates = sd.get('n_updates', 0)
+        for n,st in sd.get('state', {}).items():
+            if n in self.state: self.state[n].update(st)
+        return self.apply_masks()

@@ -2,7 +2,8 @@
 import math, warnings
 import pytest, torch, torch.nn as nn
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastsparse.sparsifier import Sparsifier, select_keep, ScoreFn
+from fastsparse.sparsifier import Sparsifier
+from fastsparse.select import select_keep, ScoreFn
 from fastsparse.granularity import available_granularities, granularity_dims, group_shape, n_groups
 from fastsparse.criteria import large_final, random, small_final
 from fastsparse.nm import is_nm
