@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
-from difflib import get_close_matches
+from .checks import did_you_mean
 from fastcore.basics import store_attr
 
 # %% auto #0
@@ -32,9 +32,10 @@ def _n_minmax(x): return (x - x.min()) / (x.max() - x.min() + _eps(x))
 normalizers = {'sum':_n_sum, 'mean':_n_mean, 'max':_n_max, 'std':_n_std, 'minmax':_n_minmax}
 
 def _pick(kind, v, table):
+    "`v` itself if it is None or a callable, else the function `table` names `v` (an error naming `kind` if none)"
     if v is None or callable(v): return v
     if isinstance(v, str) and v in table: return table[v]
-    raise ValueError(f"{kind}={v!r} is not valid; choose one of {list(table)}, None or a callable")
+    raise ValueError(f"{kind}={v!r} is not valid; choose one of {list(table)}, None or a callable.{did_you_mean(v, table)}")
 
 # %% ../nbs/01_criteria.ipynb #af0b36ff
 def _second(x, y): return y
@@ -150,6 +151,4 @@ def get_criteria(c) -> Criteria:
     "`c` itself if it is a `Criteria`, else the registered criterion named `c`"
     if isinstance(c, Criteria): return c
     if isinstance(c, str) and c in criterias: return criterias[c]
-    close = get_close_matches(str(c), list(criterias), n=3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-    raise ValueError(f"criteria={c!r} is not a Criteria nor a registered name; choose one of {available_criteria()}.{hint}")
+    raise ValueError(f"criteria={c!r} is not a Criteria nor a registered name; choose one of {available_criteria()}.{did_you_mean(c, criterias)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch, torch.nn as nn
 import pandas as pd
 from fastcore.basics import store_attr
-from difflib import get_close_matches
+from .checks import did_you_mean
 
 # %% auto #0
 __all__ = ['Layout', 'layout_table', 'register_layout', 'get_layout', 'available_granularities', 'granularity_dims',
@@ -77,9 +77,7 @@ def granularity_dims(m, # a module with a `weight` (or a module type)
     avail = available_granularities(m)
     if granularity not in avail:
         name = (m if isinstance(m, type) else type(m)).__name__
-        close = get_close_matches(granularity, avail, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-        raise ValueError(f"granularity={granularity!r} is not available for {name}; choose one of {avail}.{hint}")
+        raise ValueError(f"granularity={granularity!r} is not available for {name}; choose one of {avail}.{did_you_mean(granularity, avail)}")
     lt = get_layout(m)
     return () if lt is None else layout_table(lt)[granularity]
 
@@ -95,9 +93,7 @@ def check_granularity(granularity:str): # a granularity name
     if not isinstance(granularity, str): raise TypeError(f"granularity must be a string, got {granularity!r}")
     known = known_granularities()
     if granularity not in known:
-        close = get_close_matches(granularity, known, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-        raise ValueError(f"granularity={granularity!r} is unknown; choose one of {known}.{hint}")
+        raise ValueError(f"granularity={granularity!r} is unknown; choose one of {known}.{did_you_mean(granularity, known)}")
     return granularity
 
 # %% ../nbs/00_granularity.ipynb #09faad63

@@ -4,10 +4,10 @@
 
 # %% ../nbs/09_init.ipynb #0bcb2c96
 from __future__ import annotations
-import math, numbers
+import math
 import torch, torch.nn as nn
 from torch import Tensor
-from .schedule import sparsity_fraction
+from .checks import as_fraction, check_number, check_layer_type, check_choice
 from .granularity import get_layout
 
 # %% auto #0
@@ -18,16 +18,10 @@ def n_zeros_per_column(rows:int, # number of rows (entries in one column)
                        sparsity:float, # fraction in [0, 1] or percentage in (1, 100]
                       )->int:
     "Number of zeros `sparse_` puts in each column: `floor(rows * sparsity)`, robust to float rounding"
-    s = sparsity_fraction(sparsity)
+    s = as_fraction(sparsity)
     return min(rows, math.floor(rows*s + 1e-9))
 
 # %% ../nbs/09_init.ipynb #9e21b172
-def _check_std(std):
-    if isinstance(std, bool) or not isinstance(std, numbers.Real):
-        raise TypeError(f"std must be a positive number, got {std!r} ({type(std).__name__})")
-    if not (std > 0 and math.isfinite(std)): raise ValueError(f"std must be a positive finite number, got {std!r}")
-    return float(std)
-
 def _column_keep(rows, cols, k, device, generator=None):
     "Boolean `(rows, cols)` mask with exactly `k` False entries per column, at uniformly random rows"
     keep = torch.ones(rows, cols, dtype=torch.bool, device=device)
@@ -49,7 +43,7 @@ def sparse_(tensor:Tensor, # a 2-D floating-point tensor (a view such as `w.T` w
                          "with `w.view(w.shape[0], -1)` or use `sparse_init_model`, which does it for you")
     if not tensor.is_floating_point(): raise TypeError(f"tensor must be floating point, got dtype {tensor.dtype}")
     rows,cols = tensor.shape
-    k,std = n_zeros_per_column(rows, sparsity),_check_std(std)
+    k,std = n_zeros_per_column(rows, sparsity),check_number(std, 'std', lo=0, lo_ok=False)
     if tensor.is_meta: return tensor
     with torch.no_grad():
         tensor.normal_(0, std, generator=generator)
@@ -62,11 +56,6 @@ def _layout_out_dim(m):
     lt = get_layout(m)
     return 0 if lt is None else lt.out_dim
 
-def _check_layer_type(layer_type):
-    lts = layer_type if isinstance(layer_type, tuple) else (layer_type,)
-    if not lts or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in lts):
-        raise TypeError(f"layer_type must be an nn.Module subclass or a tuple of them, got {layer_type!r}")
-
 @torch.no_grad()
 def sparse_init_model(model:nn.Module, # the model whose layers are re-initialised in place
                       sparsity:float, # fraction of zeros per column (or row), in [0, 1] or a percentage in (1, 100]
@@ -77,9 +66,9 @@ def sparse_init_model(model:nn.Module, # the model whose layers are re-initialis
                      )->dict:
     "Sparse-initialise the weight of every `layer_type` layer of `model`; return `{'name.weight': keep mask}`"
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_layer_type(layer_type)
-    if per not in ('column', 'row'): raise ValueError(f"per={per!r} is not valid; choose one of ['column', 'row']")
-    s,std = sparsity_fraction(sparsity),_check_std(std)
+    check_layer_type(layer_type, allow_none=False)
+    check_choice(per, ('column', 'row'), 'per')
+    s,std = as_fraction(sparsity),check_number(std, 'std', lo=0, lo_ok=False)
     layers = [(n,m) for n,m in model.named_modules()
               if isinstance(m, layer_type) and isinstance(getattr(m, 'weight', None), nn.Parameter)]
     if not layers:

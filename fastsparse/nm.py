@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_nm.ipynb #ecc1ae0e
 from __future__ import annotations
-import numbers
+from .checks import check_number, check_pos_int, check_pct
 import torch, torch.nn as nn
 from torch import Tensor
 from .granularity import get_layout
@@ -16,11 +16,9 @@ __all__ = ['check_nm', 'parse_nm', 'nm_mask', 'nm_violations', 'is_nm', 'nm_mask
 def check_nm(n:int, # weights kept in each group
              m:int): # size of a group
     "Validate an N:M pattern and return it as `(n, m)`: integers with `0 < n < m`"
-    for name,v in (('n',n),('m',m)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    n,m = check_number(n, 'n', integer=True),check_number(m, 'm', integer=True)
     if not 0 < n < m: raise ValueError(f"an N:M pattern needs 0 < n < m, got n={n!r}, m={m!r}")
-    return int(n),int(m)
+    return n,m
 
 def parse_nm(nm): # `False`/`None` (no N:M), `True` (2:4), or a pair `(n, m)`
     "The `(n, m)` pattern that `nm` asks for, or `None` for no N:M sparsity"
@@ -35,12 +33,11 @@ def parse_nm(nm): # `False`/`None` (no N:M), `True` (2:4), or a pair `(n, m)`
 # %% ../nbs/03_nm.ipynb #d53710ae
 def _norm_dim(shape, dim):
     "`dim` as a non-negative index into the dimensions of `shape`, or raise"
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an integer, got {dim!r} ({type(dim).__name__})")
+    dim = check_number(dim, 'dim', integer=True)
     nd = len(shape)
     if nd == 0 or not -nd <= dim < nd:
         raise ValueError(f"dim={dim} is out of range for a tensor of shape {tuple(shape)}; choose one in [{-nd}, {nd-1}]")
-    return int(dim) % nd
+    return dim % nd
 
 def _groups(t:Tensor, n, m, dim, name='t'):
     "Validate and view `t` (detached) as `(..., size//m, m)` groups along `dim`; returns the view and the normalized `dim`"
@@ -94,9 +91,7 @@ def nm_mask_gradual(scores:Tensor, # importance of each weight (higher = keep), 
                     frac:float=1., # how far to go from dense (0) to the N:M pattern (1)
                    )->Tensor:
     "Boolean mask pruning `round(frac*n_candidates)` of the weights that `nm_mask` would prune, lowest scores first"
-    if isinstance(frac, bool) or not isinstance(frac, numbers.Real):
-        raise TypeError(f"frac must be a number in [0, 1], got {frac!r} ({type(frac).__name__})")
-    if not 0 <= frac <= 1: raise ValueError(f"frac must be in [0, 1], got {frac!r}")
+    frac = check_pct(frac, 'frac')
     final = nm_mask(scores, n, m, dim)
     scores = scores.detach()
     cand = (~final).flatten().nonzero().squeeze(1)  # flat indices, ascending
@@ -121,8 +116,7 @@ def nm_divisible(module_or_shape, # a module with a `weight`, a weight `Tensor`,
                  dim:int|None=None, # dimension of the groups; `nm_dim(module)` for a module, 1 for a shape
                 )->bool:
     "Whether the weight's size along `dim` is a multiple of `m`, so it can take an N:M pattern"
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral): raise TypeError(f"m must be an integer >= 2, got {m!r} ({type(m).__name__})")
-    if m < 2: raise ValueError(f"m must be an integer >= 2, got {m!r}")
+    m = check_pos_int(m, 'm', minimum=2)
     if isinstance(module_or_shape, nn.Module):
         if dim is None: dim = nm_dim(module_or_shape)
         shape = module_or_shape.weight.shape

@@ -4,15 +4,14 @@
 
 # %% ../nbs/02_schedule.ipynb #af319982
 from __future__ import annotations
-import math, inspect, numbers
-from difflib import get_close_matches
+import math, inspect
 import matplotlib.pyplot as plt
-from fastcore.basics import patch
+from .checks import as_fraction, check_number, check_pos_int, check_pct, did_you_mean
 
 # %% auto #0
 __all__ = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'schedules', 'sched_lin', 'sched_cos', 'sched_agp',
            'sched_oneshot', 'sched_poly', 'sched_iterative', 'sched_onecycle', 'sched_dsd', 'Schedule', 'poly',
-           'get_schedule', 'sparsity_fraction', 'sparsity_at', 'plot_schedules']
+           'get_schedule', 'sparsity_at', 'plot_schedules']
 
 # %% ../nbs/02_schedule.ipynb #7c0a195f
 def _lerp(start, end, t):
@@ -46,13 +45,6 @@ def sched_oneshot(start:float, # value at `pos=0`
     return start if pos <= 0 else end
 
 # %% ../nbs/02_schedule.ipynb #1da76093
-def _check_pos_number(x, name, integer=False):
-    "Raise unless `x` is a positive (integer) number"
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(x, bool) or not isinstance(x, kind):
-        raise TypeError(f"{name} must be a positive {'integer' if integer else 'number'}, got {x!r} ({type(x).__name__})")
-    if not x > 0: raise ValueError(f"{name} must be > 0, got {x!r}")
-
 class _SchedPoly:
     "Polynomial schedule function `start + (end-start)*pos**power` (made by `sched_poly`)"
     def __init__(self, power): self.power = power
@@ -63,7 +55,7 @@ class _SchedPoly:
 
 def sched_poly(power:float): # exponent, > 0: above 1 starts slow, below 1 starts fast
     "Make the polynomial schedule function `f(start, end, pos) = start + (end-start)*pos**power`"
-    _check_pos_number(power, 'power')
+    check_number(power, 'power', lo=0, lo_ok=False)
     return _SchedPoly(power)
 
 # %% ../nbs/02_schedule.ipynb #564279b3
@@ -80,8 +72,7 @@ class _SchedIterative:
 
 def sched_iterative(n_steps:int=3): # number of equal steps from `start` to `end`
     "Make a staircase schedule function: step `i` of `n_steps` is reached once `pos > (i-1)/n_steps`"
-    _check_pos_number(n_steps, 'n_steps', integer=True)
-    return _SchedIterative(int(n_steps))
+    return _SchedIterative(check_pos_int(n_steps, 'n_steps'))
 
 # %% ../nbs/02_schedule.ipynb #c01d7aa9
 def sched_onecycle(start:float, # value at `pos=0`
@@ -101,13 +92,6 @@ def sched_dsd(start:float, # value at `pos=0` and `pos=1`
     return sched_cos(start, end, 2*pos if pos <= 0.5 else 2*(1-pos))
 
 # %% ../nbs/02_schedule.ipynb #42f39616
-def _check_pct(x, name):
-    "`x` as a float, or raise if it is not a number in [0, 1]"
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {x!r} ({type(x).__name__})")
-    if not 0 <= x <= 1: raise ValueError(f"{name} must be in [0, 1], got {x!r}")
-    return float(x)
-
 def _check_sched_func(f):
     "Raise unless `f` is a callable that accepts `(start, end, pos)`"
     if not callable(f):
@@ -121,6 +105,23 @@ def _check_sched_func(f):
 
 def _fname(f): return f.__name__ if inspect.isfunction(f) or inspect.isbuiltin(f) else repr(f)
 
+def _plot_schedule(s, ax, target, label, n=401):
+    "Draw `target*s(pct)` on `ax`"
+    xs = [i/(n-1) for i in range(n)]
+    ax.plot(xs, [target*s(x) for x in xs], label=label)
+
+def _new_ax(ax, figsize=(5, 3)):
+    "`ax` and its figure, or a new figure and axes (closed in pyplot, so it only shows when returned)"
+    if ax is not None: return ax.figure,ax
+    fig,ax = plt.subplots(figsize=figsize)
+    plt.close(fig)
+    return fig,ax
+
+def _decorate(ax, target):
+    "Label the axes of a schedule plot and fit them to `target`"
+    ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('sparsity')
+    ax.set_xlim(0, 1); ax.set_ylim(-0.02*target, 1.05*target); ax.grid(alpha=.3)
+
 # %% ../nbs/02_schedule.ipynb #ade584ce
 class Schedule:
     "Fraction of the target sparsity to reach at each point of training: `sched_func` run over `[start_pct, end_pct]`"
@@ -129,7 +130,7 @@ class Schedule:
                  start_pct:float=0., # fraction of training at which sparsification starts
                  end_pct:float=1.): # fraction of training at which the final value is reached
         _check_sched_func(sched_func)
-        start_pct,end_pct = _check_pct(start_pct, 'start_pct'),_check_pct(end_pct, 'end_pct')
+        start_pct,end_pct = check_pct(start_pct, 'start_pct'),check_pct(end_pct, 'end_pct')
         if not start_pct < end_pct:
             raise ValueError(f"start_pct must be < end_pct, got start_pct={start_pct!r}, end_pct={end_pct!r}")
         self.sched_func,self.start_pct,self.end_pct = sched_func,start_pct,end_pct
@@ -150,6 +151,17 @@ class Schedule:
                   end_pct:float=1.): # new end of the window
         "A new `Schedule` with the same function over `[start_pct, end_pct]` (this one is unchanged)"
         return Schedule(self.sched_func, start_pct, end_pct)
+
+    def plot(self,
+             target:float=1., # final sparsity: the curve is `target*self(pct)`
+             ax=None): # matplotlib axes to draw on; a new figure if `None`
+        "Plot sparsity against training progress; returns the matplotlib `Figure`"
+        target = as_fraction(target, 'target')
+        fig,ax = _new_ax(ax)
+        _plot_schedule(self, ax, target, repr(self))
+        _decorate(ax, target)
+        ax.set_title(repr(self), fontsize=9)
+        return fig
 
     def __repr__(self): return f"Schedule({_fname(self.sched_func)}, start_pct={self.start_pct}, end_pct={self.end_pct})"
     def __eq__(self, o):
@@ -181,68 +193,27 @@ def get_schedule(schedule, # a name from `schedules`, a `Schedule`, or a functio
     if isinstance(schedule, Schedule): return schedule
     if isinstance(schedule, str):
         if schedule in schedules: return schedules[schedule]
-        close = get_close_matches(schedule, list(schedules), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ''
-        raise ValueError(f"schedule={schedule!r} is not a known schedule; choose one of {list(schedules)}.{hint}")
+        raise ValueError(f"schedule={schedule!r} is not a known schedule; choose one of {list(schedules)}.{did_you_mean(schedule, schedules)}")
     if callable(schedule): return Schedule(schedule)
     raise TypeError(f"schedule must be a name from {list(schedules)}, a Schedule or a function f(start, end, pos), "
                     f"got {schedule!r} ({type(schedule).__name__})")
 
 # %% ../nbs/02_schedule.ipynb #0fac040a
-def sparsity_fraction(s, # a sparsity: a fraction in `[0, 1]`, or a percentage in `(1, 100]`
-                      name:str='sparsity', # argument name to use in the error message
-                     )->float:
-    "`s` as a fraction in `[0, 1]`, reading a number in `(1, 100]` as a percentage"
-    if isinstance(s, bool) or not isinstance(s, numbers.Real):
-        raise TypeError(f"{name} must be a number (a fraction in [0, 1] or a percentage in (1, 100]), got {s!r} ({type(s).__name__})")
-    if 0 <= s <= 1: return float(s)
-    if 1 < s <= 100: return float(s)/100
-    raise ValueError(f"{name} must be a fraction in [0, 1] or a percentage in (1, 100], got {s!r}")
-
 def sparsity_at(schedule, # a `Schedule`, a name from `schedules`, or a schedule function
                 target, # final sparsity: a number, or a dict `{layer_name: sparsity}`
                 pct_train:float): # training progress, in `[0, 1]`
     "Sparsity to have at `pct_train`: `target` (as a fraction) times the fraction `schedule` has reached"
     frac = get_schedule(schedule)(pct_train)
-    if isinstance(target, dict): return {k: sparsity_fraction(v, f'target[{k!r}]')*frac for k,v in target.items()}
-    return sparsity_fraction(target, 'target')*frac
-
-# %% ../nbs/02_schedule.ipynb #acfb8178
-def _plot_schedule(s, ax, target, label, n=401):
-    "Draw `target*s(pct)` on `ax`"
-    xs = [i/(n-1) for i in range(n)]
-    ax.plot(xs, [target*s(x) for x in xs], label=label)
-
-def _new_ax(ax, figsize=(5, 3)):
-    "`ax` and its figure, or a new figure and axes (closed in pyplot, so it only shows when returned)"
-    if ax is not None: return ax.figure,ax
-    fig,ax = plt.subplots(figsize=figsize)
-    plt.close(fig)
-    return fig,ax
-
-def _decorate(ax, target):
-    ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('sparsity')
-    ax.set_xlim(0, 1); ax.set_ylim(-0.02*target, 1.05*target); ax.grid(alpha=.3)
+    if isinstance(target, dict): return {k: as_fraction(v, f'target[{k!r}]')*frac for k,v in target.items()}
+    return as_fraction(target, 'target')*frac
 
 # %% ../nbs/02_schedule.ipynb #14a9899f
-@patch
-def plot(self:Schedule,
-         target:float=1., # final sparsity: the curve is `target*self(pct)`
-         ax=None): # matplotlib axes to draw on; a new figure if `None`
-    "Plot sparsity against training progress; returns the matplotlib `Figure`"
-    target = sparsity_fraction(target, 'target')
-    fig,ax = _new_ax(ax)
-    _plot_schedule(self, ax, target, repr(self))
-    _decorate(ax, target)
-    ax.set_title(repr(self), fontsize=9)
-    return fig
-
 def plot_schedules(names=None, # names from `schedules` (or `Schedule`s) to draw; all built-ins if `None`
                    target:float=1., # final sparsity
                    ax=None): # matplotlib axes to draw on; a new figure if `None`
     "Plot several schedules on one figure; returns the matplotlib `Figure`"
     names = list(schedules) if names is None else list(names)
-    target = sparsity_fraction(target, 'target')
+    target = as_fraction(target, 'target')
     fig,ax = _new_ax(ax, figsize=(6, 3.5))
     for nm in names: _plot_schedule(get_schedule(nm), ax, target, nm if isinstance(nm, str) else repr(nm))
     _decorate(ax, target)
