@@ -4,7 +4,7 @@ Each method runs in its own subprocess on an identical model (same seed), so the
 memory it adds on top of the model's own weights is measured cleanly (`ru_maxrss` after minus
 before). Time covers building the sparsifier and computing + applying the masks.
 
-    python bench/global_threshold.py            # 24 layers (~403M weights), as in issue 3
+    python bench/global_threshold.py            # 24 layers (~403M weights)
     python bench/global_threshold.py --layers 4 # a quicker run
 """
 import argparse, json, os, resource, subprocess, sys, time

@@ -127,3 +127,53 @@ def test_outputs_and_plots(site):
         srcs = [s for s in srcs if s.startswith(f'{name}_files/')]
         assert len(srcs) == n_img, f"{name}.html shows {len(srcs)} output images, nbs/{nb.name} has {n_img}"
         for s in srcs: assert (site/s).stat().st_size > 1000, f"{name}.html: {s} missing or empty"
+
+def _page_text(site, name): return (site/f'{name}.html').read_text(encoding='utf-8')
+
+MODULE_PAGES = [(nb, name) for nb, name, title, mod in PAGES if mod and mod != 'all']
+
+@pytest.mark.parametrize('nb,name', MODULE_PAGES, ids=[n for _, n in MODULE_PAGES])
+def test_module_page_shows_no_export_source(site, nb, name):
+    "A module page shows prose, parameter cards, examples and tests: not the source of its `#| export` cells"
+    import html, re
+    text = html.unescape(re.sub(r'<[^>]+>', '', _page_text(site, name)))
+    assert 'from __future__ import annotations' not in text, f"{name}.html shows the imports of an exported cell"
+    ex = docs.read_nb(docs.EXEC/nb.name)
+    for c in ex['cells']:
+        dirs, code = docs.split_directives(docs.cell_src(c))
+        if c['cell_type'] != 'code' or not any(d in dirs for d in ('export', 'exports', 'exporti')): continue
+        defs = [l for l in code.splitlines() if re.match(r'(def|class) \w', l)]
+        for l in defs[:3]: assert l.rstrip() not in text, f"{name}.html shows the source line {l!r} of an exported cell"
+
+def test_benchmarks_page(site):
+    "One Benchmarks page, from bench/results/: each script's command, then its verbatim output"
+    import html, re
+    assert (site/'benchmarks.html').exists(), "no benchmarks.html"
+    page = html.unescape(_page_text(site, 'benchmarks'))
+    results = docs.bench_results()
+    assert results, "bench/results/ holds no results"
+    pres = [re.sub(r'<[^>]+>', '', p) for p in re.findall(r'<pre[^>]*>(.*?)</pre>', page, re.S)]
+    for name, md in results:
+        shown = [p for p in pres if p.startswith(f'$ python bench/{name}.py')]
+        assert shown, f"benchmarks.html: no code block starting with the command of bench/{name}.py"
+        out = re.search(r'^(?:```|~~~)\w*\n\$ python[^\n]*\n(.*?)\n(?:```|~~~)$', md, re.S | re.M).group(1)
+        assert out.splitlines()[0].strip() in shown[0], f"benchmarks.html: the output of bench/{name}.py is not under its command"
+    nav = re.search(r'<div class="wy-menu wy-menu-vertical".*?</div>', html.unescape(_page_text(site, 'index')), re.S).group(0)
+    assert 'href="benchmarks.html"' in nav and '>Benchmarks<' in nav, "the Benchmarks page is not in the navigation"
+
+def test_benchmarks_page_in_browser(browser, server):
+    from selenium.webdriver.common.by import By
+    errors = _open(browser, f'{server}/index.html')
+    link = [a for a in browser.find_elements(By.CSS_SELECTOR, '.wy-menu-vertical a') if a.text.strip() == 'Benchmarks']
+    assert link and link[0].is_displayed(), "no visible Benchmarks entry in the navigation"
+    link[0].click()
+    assert browser.current_url.endswith('/benchmarks.html')
+    assert 'Benchmarks' in browser.find_element(By.CSS_SELECTOR, '[role=main] h1').text
+    pres = [p.text for p in browser.find_elements(By.CSS_SELECTOR, '[role=main] pre')]
+    assert any(p.startswith('$ python bench/') and len(p.splitlines()) > 2 for p in pres), "no command with its output shown"
+    assert not errors
+
+def test_no_page_shows_a_machine_path(site):
+    "Warnings and tracebacks carry file paths of the build machine: none may reach a page"
+    bad = docs.machine_paths(site)
+    assert not bad, f"pages showing machine paths: {bad}"

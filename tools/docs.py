@@ -6,7 +6,12 @@
 
 `execute` exits non-zero, naming the notebooks that failed. `build` refuses notebooks that changed since
 they were executed. One page per notebook, named without its number (`00_granularity.ipynb` -> `granularity.html`);
-`nbs/index.ipynb` is the home page. The site loads nothing from the network (checked at the end of `build`).
+`nbs/index.ipynb` is the home page. A page shows a notebook's prose, the parameter cards of what it exports,
+its examples and tests, with their outputs: not the source (nor the outputs) of its exported cells.
+One more page, Benchmarks (`benchmarks.html`), is assembled from `bench/results/<script>.md`: per script with a
+committed result, what it measures, the command and its verbatim output, and how to read it.
+The site loads nothing from the network, and no page shows a path of the machine it was built on (both checked at
+the end of `build`).
 
 This file is also imported inside the executed notebooks, for `DocRenderer`: keep its top-level imports light."""
 import ast, hashlib, html, inspect, json, re, shutil, sys, time, warnings
@@ -16,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS, BUILD = ROOT/'nbs', ROOT/'_build'
 EXEC, SRC, SITE = BUILD/'nbs', BUILD/'docs_src', BUILD/'site'
 STAMP, BUILT = EXEC/'_executed.json', BUILD/'site_sources.json'   # what was executed / what the site was built from
+RESULTS = ROOT/'bench'/'results'   # one Markdown file per benchmark script with a committed result
 
 # ---------------------------------------------------------------- notebooks, pages, directives
 def notebooks():
@@ -71,6 +77,7 @@ def pages():
 
 # ---------------------------------------------------------------- which symbols to document
 _EXPORT = ('export', 'exports')   # `exporti` is internal: not documented
+_EXPORTED = (*_EXPORT, 'exporti')  # cells whose source the library holds: not shown on the pages
 
 def _patch_targets(fn):
     "For a `@patch`ed function, the class names it is patched onto (from the annotation of its first argument)"
@@ -206,7 +213,9 @@ import importlib.util as _fs_iu, nbdev.showdoc as _fs_sd
 _fs_spec = _fs_iu.spec_from_file_location('_fastsparse_docs', {str(Path(__file__).resolve())!r})
 _fs_docs = _fs_iu.module_from_spec(_fs_spec); _fs_spec.loader.exec_module(_fs_docs)
 _fs_sd.BasicMarkdownRenderer = _fs_docs.DocRenderer   # the notebook's own `show_doc(...)` calls render the same way
-_fs_show_doc = _fs_sd.show_doc'''
+_fs_show_doc = _fs_sd.show_doc
+import warnings as _fs_warnings   # fastai's own import-time warning (fastai.layers decorates with torch.jit.script)
+_fs_warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)'''
 
 _own_re = re.compile(r'\bshow_doc\(\s*([\w.]+)')
 def add_show_docs(nb):
@@ -315,6 +324,7 @@ def nb_to_markdown(nb, page):
         if c['cell_type'] != 'code': continue   # raw cells: front matter
         dirs, code = split_directives(src)
         if 'hide' in dirs or 'default_exp' in dirs and not code.strip(): continue
+        if any(d in dirs for d in _EXPORTED): continue   # the library's code: its `show_doc` cards follow it
         if code.strip() and dirs.get('echo', 'true').lower() != 'false':
             out.append(f'```python\n{code.strip()}\n```')
         if dirs.get('output', 'true').lower() == 'false': continue
@@ -351,9 +361,50 @@ def check_offline(site):
             if hits: bad[str(p.relative_to(site))] = sorted(set(hits))
     return bad
 
+# ---------------------------------------------------------------- the Benchmarks page
+BENCH_ORDER = ('overhead', 'run_to_run', 'mask_dtype', 'global_threshold', 'sensitivity', 'dst', 'export')  # then A-Z
+
+BENCH_INTRO = '''# Benchmarks
+
+Each section is one script of `bench/`: what it measures, the command that produced the output shown, the output
+itself as the script printed it, and how to read it. The scripts run on a CPU unless a section says otherwise;
+timings on a shared machine vary from run to run, which is why the scripts interleave what they compare and report
+medians. Run one with `python bench/<script>.py --help` for its options.
+'''
+
+def bench_results():
+    "[(script name, Markdown)] of `bench/results/*.md`, in page order; each must show `$ python bench/<script>.py` in a code block"
+    files = {p.stem: p for p in RESULTS.glob('*.md')}
+    errs, res = [], []
+    for name in [*[n for n in BENCH_ORDER if n in files], *sorted(set(files) - set(BENCH_ORDER))]:
+        md = files[name].read_text(encoding='utf-8')
+        where = f"bench/results/{name}.md"
+        if not (ROOT/'bench'/f'{name}.py').exists(): errs.append(f"{where}: no script bench/{name}.py")
+        if not re.search(rf'^(```|~~~)\w*\n\$ python bench/{re.escape(name)}\.py\b.*\n.+', md, re.M):
+            errs.append(f"{where}: no code block starting with the command `$ python bench/{name}.py ...` and its output")
+        if not re.match(r'## \S', md): errs.append(f"{where}: must start with a `## Title` line")
+        res.append((name, md))
+    if errs: raise SystemExit("Benchmark results:\n  " + '\n  '.join(errs))
+    return res
+
+def benchmarks_md():
+    "The Benchmarks page: the introduction, then each script's results file"
+    return '\n\n'.join([BENCH_INTRO.strip(), *(md.strip() for _, md in bench_results())]) + '\n'
+
+_MACHINE = ('/work/', '/root/', '/home/', 'site-packages')
+def machine_paths(site):
+    "{page: [lines]} of the site's pages (and search index) that show a path of the build machine"
+    pats = sorted({*_MACHINE, str(ROOT)})
+    bad = {}
+    for p in [*site.rglob('*.html'), *site.rglob('search_index.json')]:
+        hits = [l.strip()[:160] for l in p.read_text(encoding='utf-8', errors='replace').splitlines() if any(s in l for s in pats)]
+        if hits: bad[str(p.relative_to(site))] = hits[:3]
+    return bad
+
 def _sources():
-    "sha256 of everything the site is made from: the notebooks, this file and mkdocs.yml"
-    return {p.relative_to(ROOT).as_posix(): _sha(p) for p in [*notebooks(), Path(__file__).resolve(), ROOT/'mkdocs.yml']}
+    "sha256 of everything the site is made from: the notebooks, the benchmark results, this file and mkdocs.yml"
+    return {p.relative_to(ROOT).as_posix(): _sha(p)
+            for p in [*notebooks(), *sorted(RESULTS.glob('*.md')), Path(__file__).resolve(), ROOT/'mkdocs.yml']}
 
 def site_is_current():
     "Whether `_build/site` was built from the notebooks as they are now (by content, not by date)"
@@ -378,6 +429,9 @@ def build():
     for p, name, title, mod in pgs:
         (SRC/f'{name}.md').write_text(nb_to_markdown(read_nb(EXEC/p.name), name), encoding='utf-8')
         nav.append({('Home' if name == 'index' else title): f'{name}.md'})
+    (SRC/'benchmarks.md').write_text(benchmarks_md(), encoding='utf-8')
+    last_module = max((i for i, (*_, mod) in enumerate(pgs) if mod and mod != 'all'), default=len(pgs) - 1)
+    nav.insert(last_module + 1, {'Benchmarks': 'benchmarks.md'})   # after the module pages, before the tutorials
     (SRC/'css'/'pygments.css').write_text(HtmlFormatter(style='default').get_style_defs('.highlight'))
     (SRC/'css'/'fastsparse.css').write_text(CSS)
     logging.basicConfig(level=logging.WARNING, format='mkdocs %(levelname)s: %(message)s')
@@ -385,8 +439,10 @@ def build():
     except MkDocsException as e: raise SystemExit(f"mkdocs build failed: {e.format_message() if hasattr(e, 'format_message') else e}")
     if bad := check_offline(SITE):
         raise SystemExit("The site would load remote assets:\n  " + '\n  '.join(f'{k}: {v}' for k,v in bad.items()))
+    if bad := machine_paths(SITE):   # a warning's file path, a traceback: filter or fix it where it comes from
+        raise SystemExit("Pages show paths of this machine:\n  " + '\n  '.join(f'{k}: {v}' for k,v in bad.items()))
     BUILT.write_text(json.dumps(srcs, indent=1) + '\n')
-    print(f"Built {len(pgs)} pages into {SITE.relative_to(ROOT)}/ in {time.time()-t0:.1f}s "
+    print(f"Built {len(pgs) + 1} pages into {SITE.relative_to(ROOT)}/ in {time.time()-t0:.1f}s "
           f"(open {(SITE/'index.html').relative_to(ROOT)}, or `python -m http.server -d {SITE.relative_to(ROOT)}`)")
 
 if __name__ == '__main__':
