@@ -10,7 +10,9 @@ import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
 import matplotlib.pyplot as plt
-from .sparsifier import Sparsifier, select_layers
+from .checks import check_choice, check_pos_int
+from .tensors import select_layers
+from .sparsifier import Sparsifier
 
 # %% auto #0
 __all__ = ['spy_layouts', 'sparsity_summary', 'spy_matrix', 'plot_mask', 'layer_masks', 'plot_masks', 'layer_sparsity_frame',
@@ -57,7 +59,7 @@ def spy_matrix(x, # a bool mask, a weight tensor, or a module with a `weight`
                layout:str='flat', # 'flat': (out, in*k...); 'kernels': (out*k_h, in*k_w) tiles, for 4-D weights
               )->Tensor:
     "The 2-D boolean matrix (True = kept) that `plot_mask` draws for `x`"
-    if layout not in spy_layouts: raise ValueError(f"layout={layout!r} is not valid; choose one of {list(spy_layouts)}")
+    check_choice(layout, spy_layouts, 'layout')
     k = _kept(x)
     if k.dim() == 0: raise ValueError("cannot draw a 0-D tensor")
     if k.dim() == 1: return k.view(1, -1)
@@ -122,7 +124,7 @@ def layer_masks(src, # a `Sparsifier`, a model, a Learner, or a dict `{name: mas
         return {k:_kept(v) for k,v in src.items()}
     sp = _sparsifier_of(src)
     if sp is not None:
-        return {n:(sp.masks[sp._wname(n)].detach().cpu() if sp._wname(n) in sp.masks else _kept(m)) for n,m in sp.layers.items()}
+        return {n:(sp.masks[sp.weight_name(n)].detach().cpu() if sp.weight_name(n) in sp.masks else _kept(m)) for n,m in sp.layers.items()}
     model = _model_of(src)
     if model is None: raise TypeError(f"expected {_SRC} or a dict of masks; got {type(src).__name__}")
     layers = select_layers(model, layer_type)
@@ -137,8 +139,8 @@ def plot_masks(src, # a `Sparsifier`, a model, a Learner, or a dict `{name: mask
                figsize:tuple=None, # default: 3 x 2.4 inches per plot
               ):
     "A grid of spy plots, one per layer (title: name and sparsity); returns the matplotlib `Figure`"
-    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1: raise ValueError(f"ncols must be a positive integer, got {ncols!r}")
-    if layout not in spy_layouts: raise ValueError(f"layout={layout!r} is not valid; choose one of {list(spy_layouts)}")
+    check_pos_int(ncols, 'ncols')
+    check_choice(layout, spy_layouts, 'layout')
     masks = layer_masks(src, layer_type)
     n = len(masks)
     nc = min(ncols, n); nr = math.ceil(n/nc)
@@ -216,7 +218,7 @@ def plot_weight_hist(src, # a model or Learner, a weight tensor, or a list/dict 
                      ax=None, # matplotlib axes to draw on; a new figure if None
                     ):
     "Histograms of the nonzero weights, after (and before) -- overlaid; returns the matplotlib `Figure`"
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1: raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    check_pos_int(bins, 'bins')
     sets = [('after', _weights_of(src, layer_type))]
     if before is not None: sets.insert(0, ('before', _weights_of(before, layer_type)))
     lo,hi = math.inf,-math.inf

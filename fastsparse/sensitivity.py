@@ -12,7 +12,8 @@ from torch import Tensor
 import matplotlib.pyplot as plt
 from fastprogress.fastprogress import progress_bar
 from fastai.basics import Learner
-from .sparsifier import Sparsifier, as_fraction
+from .checks import as_fraction, check_choice, did_you_mean
+from .sparsifier import Sparsifier
 from .criteria import get_criteria, large_final
 
 _logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def _default_direction(metric:str) -> bool:
     return not any(w in metric.lower() for w in _LOWER_IS_BETTER)
 
 def _metric_names(learn) -> list:
+    "'loss', then the names of the Learner's metrics, in the order `learn.validate()` returns them"
     return ['loss'] + [getattr(m, 'name', type(m).__name__) for m in learn.metrics]
 
 def _resolve_metric(learn, metric):
@@ -82,10 +84,11 @@ def _resolve_metric(learn, metric):
     if metric is None: return (names[1], 1) if len(names) > 1 else ('loss', 0)
     if not isinstance(metric, str): raise TypeError(f"metric must be a metric name (str) or None, got {metric!r}; choose one of {names}")
     key = 'loss' if metric == 'valid_loss' else metric
-    if key not in names: raise ValueError(f"metric={metric!r} is not a metric of this Learner; choose one of {names}")
+    if key not in names: raise ValueError(f"metric={metric!r} is not a metric of this Learner; choose one of {names}.{did_you_mean(metric, names)}")
     return key,names.index(key)
 
 def _valid_dl(learn, dl):
+    "`dl`, else the Learner's validation DataLoader, or an error if it has none"
     if dl is not None: return dl
     try: dl = learn.dls.valid
     except (IndexError, AttributeError): dl = None
@@ -98,6 +101,7 @@ def _valid_dl(learn, dl):
 
 # %% ../nbs/06_sensitivity.ipynb #5a16ddfb
 def _check_learner(learn):
+    "Raise unless `learn` is a fastai Learner"
     if not isinstance(learn, Learner): raise TypeError(f"learn must be a fastai Learner, got {type(learn).__name__}")
 
 class _Untouched:
@@ -128,6 +132,7 @@ class _Untouched:
 
 # %% ../nbs/06_sensitivity.ipynb #b46c0264
 def _evaluate(learn, dl, idx) -> float:
+    "Entry `idx` of `learn.validate(dl=dl)` (0: the loss), as a float"
     res = learn.validate(dl=dl)
     if res is None or len(res) <= idx: raise ValueError("learn.validate() returned no metrics; does the Learner have its Recorder?")
     v = res[idx]
@@ -209,6 +214,7 @@ def _caps(v, default, name, layers) -> dict:
     return {n: f for n in layers}
 
 _WEIGHTS = ('params', 'flops')
+_FIELDS = ('sparsities', 'values', 'baseline', 'params', 'metric', 'higher_is_better', 'flops', 'types', 'granularity', 'criteria')
 
 # %% ../nbs/06_sensitivity.ipynb #229d8018
 class SensitivityResult:
@@ -254,129 +260,116 @@ class SensitivityResult:
                 for n in self.layers for s,v,d in zip(self.sparsities, self.values[n], self.deltas(n))]
         return pd.DataFrame(rows)
 
-# %% ../nbs/06_sensitivity.ipynb #aa173a8d
-def _f(self:SensitivityResult, n, s) -> float:
-    "Predicted degradation of layer `n` at sparsity `s`: piecewise-linear through (0, 0) and the measurements"
-    xs,ys = [0., *self.sparsities],[0., *self.deltas(n)]
-    if s <= xs[-1]: return float(np.interp(s, xs, ys))
-    slope = max((ys[-1]-ys[-2])/(xs[-1]-xs[-2]), 0.)
-    return float(ys[-1] + slope*(s - xs[-1]))
-SensitivityResult._f = _f
+    def _f(self, n, s) -> float:
+        "Predicted degradation of layer `n` at sparsity `s`: piecewise-linear through (0, 0) and the measurements"
+        xs,ys = [0., *self.sparsities],[0., *self.deltas(n)]
+        if s <= xs[-1]: return float(np.interp(s, xs, ys))
+        slope = max((ys[-1]-ys[-2])/(xs[-1]-xs[-2]), 0.)
+        return float(ys[-1] + slope*(s - xs[-1]))
 
-def _check_finite(self:SensitivityResult):
-    bad = [n for n in self.layers if not np.isfinite(self.values[n]).all()]
-    if bad or not math.isfinite(self.baseline):
-        raise ValueError(f"the measurements of layers {bad or 'baseline'} are not finite (NaN/inf); "
-                         "choose another metric or lower sparsity levels")
-SensitivityResult._check_finite = _check_finite
+    def _check_finite(self):
+        "Raise if a measurement or the baseline is NaN or infinite (nothing to allocate from)"
+        bad = [n for n in self.layers if not np.isfinite(self.values[n]).all()]
+        if bad or not math.isfinite(self.baseline):
+            raise ValueError(f"the measurements of layers {bad or 'baseline'} are not finite (NaN/inf); "
+                             "choose another metric or lower sparsity levels")
 
-def _predicted_delta(self:SensitivityResult,
-                     targets:dict, # {layer_name: sparsity}, e.g. from `to_layer_targets`
-                    )->float:
-    "Predicted total degradation (sum over layers, positive = worse) of sparsifying the layers to `targets`"
-    bad = [k for k in targets if k not in self.values]
-    if bad: raise ValueError(f"targets: {bad} are not analysed layers; choose from {self.layers}")
-    return float(sum(self._f(n, as_fraction(s, f"targets[{n!r}]")) for n,s in targets.items()))
-SensitivityResult.predicted_delta = _predicted_delta
+    def predicted_delta(self,
+                        targets:dict, # {layer_name: sparsity}, e.g. from `to_layer_targets`
+                       )->float:
+        "Predicted total degradation (sum over layers, positive = worse) of sparsifying the layers to `targets`"
+        bad = [k for k in targets if k not in self.values]
+        if bad: raise ValueError(f"targets: {bad} are not analysed layers; choose from {self.layers}")
+        return float(sum(self._f(n, as_fraction(s, f"targets[{n!r}]")) for n,s in targets.items()))
 
-# %% ../nbs/06_sensitivity.ipynb #36f91e11
-def _to_layer_targets(self:SensitivityResult,
-                      target_sparsity, # overall target: fraction or percentage
-                      max_sparsity=0.98, # most any layer gets: a number, or {layer_name: cap} (others get 0.98)
-                      min_sparsity=0., # least any layer gets: a number, or {layer_name: floor} (others get 0)
-                      weight:str='params', # what the mean counts: 'params' (fraction of zero weights) or 'flops'
-                     )->dict:
-    "Per-layer targets `{layer_name: sparsity}` whose `weight`-weighted mean is `target_sparsity`, minimising the predicted degradation"
-    T = as_fraction(target_sparsity, 'target_sparsity')
-    if weight not in _WEIGHTS: raise ValueError(f"weight={weight!r} is not valid; choose one of {list(_WEIGHTS)}")
-    if weight == 'flops' and self.flops is None: raise ValueError("weight='flops' needs FLOPs, which this result does not hold")
-    lo,hi = _caps(min_sparsity, 0., 'min_sparsity', self.layers),_caps(max_sparsity, 0.98, 'max_sparsity', self.layers)
-    for n in self.layers:
-        if lo[n] > hi[n]: raise ValueError(f"min_sparsity={lo[n]} is above max_sparsity={hi[n]} for layer {n!r}")
-    self._check_finite()
-    w = {n: float(self.params[n] if weight == 'params' else self.flops[n]) for n in self.layers}
-    W = sum(w.values())
-    if W <= 0: raise ValueError(f"the analysed layers have no {weight} to weigh by")
-    zero = [n for n in self.layers if w[n] == 0]
-    if zero: warnings.warn(f"layers {zero} have 0 {weight} (not called in the forward pass?); they get their least-cost sparsity")
-    lo_mean,hi_mean = sum(w[n]*lo[n] for n in self.layers)/W,sum(w[n]*hi[n] for n in self.layers)/W
-    eps = 1e-12
-    if not lo_mean - eps <= T <= hi_mean + eps:
-        raise ValueError(f"target_sparsity={T:g} is unreachable with min_sparsity={min_sparsity!r}, max_sparsity={max_sparsity!r} "
-                         f"({weight}-weighted): reachable targets are [{lo_mean:.6g}, {hi_mean:.6g}]; raise max_sparsity or lower the target")
-    if T >= hi_mean - eps and hi_mean > lo_mean + eps:
-        warnings.warn(f"target_sparsity={T:g} is the most max_sparsity={max_sparsity!r} allows: every layer gets its cap and the "
-                      f"analysis has nothing to choose; raise max_sparsity to let it move sparsity between layers")
-    s = dict(lo)
-    segs = []  # (price per unit of budget, layer index, segment index, layer, x0, x1)
-    for i,n in enumerate(self.layers):
-        xs = [lo[n], *[x for x in self.sparsities if lo[n] < x < hi[n]], hi[n]]
-        hull = _lower_hull(xs, [self._f(n, x) for x in xs]) if hi[n] > lo[n] else [(lo[n], 0.)]
-        for j,((x0,y0),(x1,y1)) in enumerate(zip(hull, hull[1:])):
-            slope = (y1-y0)/(x1-x0)
-            if w[n] == 0:
-                if slope < 0: s[n] = x1  # free to move, and it helps
-                continue
-            segs.append((slope/w[n], i, j, n, x0, x1))
-    budget = T*W - sum(w[n]*lo[n] for n in self.layers)
-    for _,_,_,n,x0,x1 in sorted(segs, key=lambda t: t[:3]):
-        if budget <= 0: break
-        use = w[n]*(x1 - x0)
-        if use <= budget: s[n] = x1; budget -= use
-        else: s[n] = x0 + budget/w[n]; budget = 0.
-    return {n: min(max(s[n], lo[n]), hi[n]) for n in self.layers}
-SensitivityResult.to_layer_targets = _to_layer_targets
+    def to_layer_targets(self,
+                         target_sparsity, # overall target: fraction or percentage
+                         max_sparsity=0.98, # most any layer gets: a number, or {layer_name: cap} (others get 0.98)
+                         min_sparsity=0., # least any layer gets: a number, or {layer_name: floor} (others get 0)
+                         weight:str='params', # what the mean counts: 'params' (fraction of zero weights) or 'flops'
+                        )->dict:
+        "Per-layer targets `{layer_name: sparsity}` whose `weight`-weighted mean is `target_sparsity`, minimising the predicted degradation"
+        T = as_fraction(target_sparsity, 'target_sparsity')
+        check_choice(weight, _WEIGHTS, 'weight')
+        if weight == 'flops' and self.flops is None: raise ValueError("weight='flops' needs FLOPs, which this result does not hold")
+        lo,hi = _caps(min_sparsity, 0., 'min_sparsity', self.layers),_caps(max_sparsity, 0.98, 'max_sparsity', self.layers)
+        for n in self.layers:
+            if lo[n] > hi[n]: raise ValueError(f"min_sparsity={lo[n]} is above max_sparsity={hi[n]} for layer {n!r}")
+        self._check_finite()
+        w = {n: float(self.params[n] if weight == 'params' else self.flops[n]) for n in self.layers}
+        W = sum(w.values())
+        if W <= 0: raise ValueError(f"the analysed layers have no {weight} to weigh by")
+        zero = [n for n in self.layers if w[n] == 0]
+        if zero: warnings.warn(f"layers {zero} have 0 {weight} (not called in the forward pass?); they get their least-cost sparsity")
+        lo_mean,hi_mean = sum(w[n]*lo[n] for n in self.layers)/W,sum(w[n]*hi[n] for n in self.layers)/W
+        eps = 1e-12
+        if not lo_mean - eps <= T <= hi_mean + eps:
+            raise ValueError(f"target_sparsity={T:g} is unreachable with min_sparsity={min_sparsity!r}, max_sparsity={max_sparsity!r} "
+                             f"({weight}-weighted): reachable targets are [{lo_mean:.6g}, {hi_mean:.6g}]; raise max_sparsity or lower the target")
+        if T >= hi_mean - eps and hi_mean > lo_mean + eps:
+            warnings.warn(f"target_sparsity={T:g} is the most max_sparsity={max_sparsity!r} allows: every layer gets its cap and the "
+                          f"analysis has nothing to choose; raise max_sparsity to let it move sparsity between layers")
+        s = dict(lo)
+        segs = []  # (price per unit of budget, layer index, segment index, layer, x0, x1)
+        for i,n in enumerate(self.layers):
+            xs = [lo[n], *[x for x in self.sparsities if lo[n] < x < hi[n]], hi[n]]
+            hull = _lower_hull(xs, [self._f(n, x) for x in xs]) if hi[n] > lo[n] else [(lo[n], 0.)]
+            for j,((x0,y0),(x1,y1)) in enumerate(zip(hull, hull[1:])):
+                slope = (y1-y0)/(x1-x0)
+                if w[n] == 0:
+                    if slope < 0: s[n] = x1  # free to move, and it helps
+                    continue
+                segs.append((slope/w[n], i, j, n, x0, x1))
+        budget = T*W - sum(w[n]*lo[n] for n in self.layers)
+        for _,_,_,n,x0,x1 in sorted(segs, key=lambda t: t[:3]):
+            if budget <= 0: break
+            use = w[n]*(x1 - x0)
+            if use <= budget: s[n] = x1; budget -= use
+            else: s[n] = x0 + budget/w[n]; budget = 0.
+        return {n: min(max(s[n], lo[n]), hi[n]) for n in self.layers}
 
-# %% ../nbs/06_sensitivity.ipynb #20561b0a
-def _plot(self:SensitivityResult,
-          y:str='metric', # 'metric' (the measured values, with the dense baseline) or 'delta' (positive = worse)
-          targets:dict=None, # {layer_name: sparsity} to mark on the curves (e.g. from `to_layer_targets`)
-          ax=None, # matplotlib axes to draw on (default: a new figure)
-         ):
-    "One curve per layer of the metric (or its delta) against the layer's sparsity; returns the figure"
-    if y not in ('metric', 'delta'): raise ValueError(f"y={y!r} is not valid; choose 'metric' or 'delta'")
-    if ax is None: fig,ax = plt.subplots(figsize=(6.5, 4)); plt.close(fig)
-    else: fig = ax.figure
-    sign = -1 if self.higher_is_better else 1
-    for n in self.layers:
-        ys = [0., *self.deltas(n)] if y == 'delta' else [self.baseline, *self.values[n]]
-        lbl = f"{n} ({self.types[n] + ', ' if self.types[n] else ''}{self.params[n]:,})"
-        line, = ax.plot([0., *self.sparsities], ys, marker='.', label=lbl)
-        if targets and n in targets:
-            s = as_fraction(targets[n]); d = self._f(n, s)
-            ax.plot([s], [d if y == 'delta' else self.baseline + sign*d], marker='o', ms=8, mfc='none', color=line.get_color())
-    if y == 'metric': ax.axhline(self.baseline, color='#999', ls='--', lw=1, label='dense')
-    ax.set_xlabel('sparsity of the layer alone'); ax.set_ylabel(self.metric if y == 'metric' else f"{self.metric}: delta (worse >0)")
-    ax.set_title(f"Sensitivity ({self.granularity}, {self.criteria})" + (' -- circles: targets' if targets else ''))
-    ax.legend(fontsize=8); fig.tight_layout()
-    return fig
-SensitivityResult.plot = _plot
+    def plot(self,
+             y:str='metric', # 'metric' (the measured values, with the dense baseline) or 'delta' (positive = worse)
+             targets:dict=None, # {layer_name: sparsity} to mark on the curves (e.g. from `to_layer_targets`)
+             ax=None, # matplotlib axes to draw on (default: a new figure)
+            ):
+        "One curve per layer of the metric (or its delta) against the layer's sparsity; returns the figure"
+        check_choice(y, ('metric', 'delta'), 'y')
+        if ax is None: fig,ax = plt.subplots(figsize=(6.5, 4)); plt.close(fig)
+        else: fig = ax.figure
+        sign = -1 if self.higher_is_better else 1
+        for n in self.layers:
+            ys = [0., *self.deltas(n)] if y == 'delta' else [self.baseline, *self.values[n]]
+            lbl = f"{n} ({self.types[n] + ', ' if self.types[n] else ''}{self.params[n]:,})"
+            line, = ax.plot([0., *self.sparsities], ys, marker='.', label=lbl)
+            if targets and n in targets:
+                s = as_fraction(targets[n]); d = self._f(n, s)
+                ax.plot([s], [d if y == 'delta' else self.baseline + sign*d], marker='o', ms=8, mfc='none', color=line.get_color())
+        if y == 'metric': ax.axhline(self.baseline, color='#999', ls='--', lw=1, label='dense')
+        ax.set_xlabel('sparsity of the layer alone'); ax.set_ylabel(self.metric if y == 'metric' else f"{self.metric}: delta (worse >0)")
+        ax.set_title(f"Sensitivity ({self.granularity}, {self.criteria})" + (' -- circles: targets' if targets else ''))
+        ax.legend(fontsize=8); fig.tight_layout()
+        return fig
 
-# %% ../nbs/06_sensitivity.ipynb #11dac723
-_FIELDS = ('sparsities', 'values', 'baseline', 'params', 'metric', 'higher_is_better', 'flops', 'types', 'granularity', 'criteria')
+    def to_dict(self) -> dict:
+        "The result as plain JSON-able data"
+        d = {k: getattr(self, k) for k in _FIELDS}
+        d['sparsities'] = list(d['sparsities'])
+        return {'fastsparse_sensitivity': 1, **d}
 
-def _to_dict(self:SensitivityResult) -> dict:
-    "The result as plain JSON-able data"
-    d = {k: getattr(self, k) for k in _FIELDS}
-    d['sparsities'] = list(d['sparsities'])
-    return {'fastsparse_sensitivity': 1, **d}
-SensitivityResult.to_dict = _to_dict
+    def save(self,
+             path, # file to write (JSON)
+            )->Path:
+        "Write the result to `path` as JSON; returns the path"
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
 
-def _save(self:SensitivityResult,
-          path, # file to write (JSON)
-         )->Path:
-    "Write the result to `path` as JSON; returns the path"
-    path = Path(path)
-    path.write_text(json.dumps(self.to_dict(), indent=1))
-    return path
-SensitivityResult.save = _save
-
-@classmethod
-def _load(cls, path, # a file written by `SensitivityResult.save`
-         )->SensitivityResult:
-    "Read a result saved with `save`"
-    d = json.loads(Path(path).read_text())
-    if not isinstance(d, dict) or 'fastsparse_sensitivity' not in d:
-        raise ValueError(f"{path} does not hold a SensitivityResult (no 'fastsparse_sensitivity' key)")
-    return cls(**{k: d[k] for k in _FIELDS if k in d})
-SensitivityResult.load = _load
+    @classmethod
+    def load(cls, path, # a file written by `SensitivityResult.save`
+            )->SensitivityResult:
+        "Read a result saved with `save`"
+        d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict) or 'fastsparse_sensitivity' not in d:
+            raise ValueError(f"{path} does not hold a SensitivityResult (no 'fastsparse_sensitivity' key)")
+        return cls(**{k: d[k] for k in _FIELDS if k in d})
