@@ -79,16 +79,20 @@ class Sparsifier:
         return (f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, "
                 f"criteria={self.criteria.name}, nm={self.nm})")
 
-    def snapshot(self, key:str='init'):
+    def snapshot(self,
+                 key:str='init'): # the state key: 'init' (initial weights) or 'prev' (at the last update)
         "Store a copy of every selected weight under `state[name][key]` (only for criteria that need it)"
         for n,m in self.layers.items(): self.state[n][key] = m.weight.detach().clone()
 
-    def weight_name(self, n:str) -> str:
+    def weight_name(self,
+                    n:str, # a selected layer's name
+                   ) -> str:
         "The qualified name of layer `n`'s weight, the key of its mask"
         return weight_name(n)
 
     # --- data for the criteria (see `fastsparse.calibrate`)
-    def calibrate(self, data):
+    def calibrate(self,
+                  data): # iterable of batches: tensors, (x, y) tuples or dicts of model kwargs
         "Accumulate the gradients (`taylor`) or activation norms (`wanda`) that the criteria needs from `data` (batches)"
         return calibrate(self, data)
 
@@ -108,7 +112,8 @@ class Sparsifier:
         "All-reduce the accumulated criteria data over processes (activation squares summed, gradient scores averaged)"
         return sync_state(self)
 
-    def broadcast_masks(self, src:int=0):
+    def broadcast_masks(self,
+                        src:int=0): # the rank whose masks every rank takes
         "Make every rank hold rank `src`'s masks"
         return broadcast_masks(self, src)
 
@@ -118,7 +123,9 @@ class Sparsifier:
         # one seed per layer for all updates: masks from random scores grow nested as sparsity increases
         return zlib.crc32(f"{self.seed}|{n}".encode())
 
-    def layer_scores(self, n:str) -> tuple:
+    def layer_scores(self,
+                     n:str, # a selected layer's name
+                    ) -> tuple:
         "Layer `n`'s 1-D float32 group scores as a `ScoreFn`, and a sampler of them for `select_keep` (or None)"
         m,dims = self.layers[n],self.dims[n]
         st = dict(self.state[n], seed=self._layer_seed(n))
@@ -147,7 +154,9 @@ class Sparsifier:
                     raise ValueError(f"criteria {c.name!r} needs the {k!r} weights; call .snapshot({k!r})")
 
     @torch.no_grad()
-    def set_masks(self, n:str, keep_groups:Tensor):
+    def set_masks(self,
+                  n:str, # a selected layer's name
+                  keep_groups:Tensor): # bool keep-flag per group of the layer's granularity (any shape with that many)
         "Expand group keep-flags of layer `n` to a full mask, store it (keeping tensor identity) and zero BN after pruned filters"
         m,dims = self.layers[n],self.dims[n]
         gs = group_shape(m.weight.shape, dims)
@@ -161,7 +170,9 @@ class Sparsifier:
             for p in ('weight', 'bias'):
                 if getattr(bn, p, None) is not None: self.store_mask(f"{self.bn[n]}.{p}", fkeep.clone())
 
-    def store_mask(self, name:str, mask:Tensor):
+    def store_mask(self,
+                   name:str, # qualified name of the masked tensor
+                   mask:Tensor): # its mask (True = keep), same shape as the tensor
         "Store `mask` (as bool) under tensor `name`, updating the held mask in place when it has the same shape"
         mask = mask.to(torch.bool).contiguous()
         if name in self.masks and self.masks[name].shape == mask.shape: self.masks[name].data = mask
@@ -197,7 +208,7 @@ class Sparsifier:
                        m, # a selected layer (module) or its name
                        sparsity, # fraction in [0, 1] or percentage in (1, 100]
                        round_to:int=None, # keep a multiple of this many groups
-                       _apply=True):
+                       _apply=True): # then broadcast, count and apply the masks (False: the caller does it once for all layers)
         "Mask exactly round(sparsity * groups) groups of layer `m` (its lowest scores), then apply the masks"
         n = self._layer_name(m)
         s = as_fraction(sparsity)
@@ -282,7 +293,8 @@ class Sparsifier:
                                                        for n,st in self.state.items()}}
 
     @torch.no_grad()
-    def load_state_dict(self, sd:dict):
+    def load_state_dict(self,
+                        sd:dict): # a dict from `Sparsifier.state_dict()`
         "Restore masks (checked against the model's tensors), targets and state, then apply the masks"
         if not isinstance(sd, dict) or 'masks' not in sd: raise ValueError("sd must be a dict from Sparsifier.state_dict()")
         params = dict(self.model.named_parameters())
