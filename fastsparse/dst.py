@@ -5,17 +5,14 @@
 # %% ../nbs/08_dst.ipynb #137db86a
 from __future__ import annotations
 import logging, math, numbers, warnings
-from difflib import get_close_matches
 import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
 import matplotlib.pyplot as plt
-from fastai.basics import L, patch
-from fastai.learner import ValueMetric
 from fastcore.basics import store_attr
 from .sparsifier import Sparsifier, select_layers
-from .checks import as_fraction, check_layer_type
-from .callback import MaskHolder, opt_states, in_validation_context, _raw, _META
+from .checks import as_fraction, check_layer_type, check_choice, check_unit, check_number
+from .training import MaskedTraining, opt_states, unwrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -83,14 +80,8 @@ def erk_sparsities(model_or_layers, # a model (layers chosen by `layer_type`/`in
 distributions = ('uniform', 'erk')
 
 def _gen(seed:int, step:int) -> torch.Generator:
-    "CPU generator for the random choices at optimizer step `step` (0: the initial masks)"
+    "CPU generator for the random choices at batch `step` of the training clock (0: the initial masks)"
     return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % (1 << 63))
-
-def _check_choice(name, v, choices):
-    if isinstance(v, str) and v in choices: return v
-    close = get_close_matches(v.lower(), choices, n=1) if isinstance(v, str) else []
-    hint = f" Did you mean {close[0]!r}?" if close else ''
-    raise ValueError(f"{name}={v!r} is not valid; choose one of {list(choices)}.{hint}")
 
 def _layer_targets(layers:dict, sparsity, distribution:str) -> dict:
     "{layer_name: sparsity} for a number (uniform or ERK) or a dict of per-layer targets"
@@ -119,7 +110,7 @@ def random_masks(model:nn.Module, # the model whose layers get masks
                  seed:int=0, # seed of the positions (the same masks on every process)
                 )->dict: # {tensor_name: bool mask (True = keep)}, e.g. {'1.weight': ...}
     "Random boolean masks with exactly `round(s_i * n_i)` zeros in each selected layer"
-    distribution = _check_choice('distribution', distribution, distributions)
+    distribution = check_choice(distribution, distributions, 'distribution')
     if isinstance(sparsity, dict): layers = select_layers(model, None, list(sparsity), exclude)
     else: layers = select_layers(model, layer_type, include, exclude)
     targets = _layer_targets(layers, sparsity, distribution)
@@ -158,19 +149,12 @@ def drop_and_grow(mask:Tensor, # bool mask of one weight tensor, True = active (
 # %% ../nbs/08_dst.ipynb #852d525a
 regrow_methods = ('rigl', 'set')
 
-def _check_unit(name, v):
-    "`v` as a float in (0, 1]"
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number in (0, 1], got {v!r} ({type(v).__name__})")
-    if not 0 < v <= 1: raise ValueError(f"{name}={v!r} is out of range; give a number in (0, 1]")
-    return float(v)
-
-class DynamicSparseCallback(MaskHolder):
-    "Train sparse from the first step, moving connections every `update_every` steps (SET or RigL) at constant sparsity"
+class DynamicSparseCallback(MaskedTraining):
+    "Train sparse from the first step, moving connections every `update_every` batches (SET or RigL) at constant sparsity"
     def __init__(self,
                  sparsity, # overall target: fraction, percentage in (1, 100], or {layer_name: target}
                  regrow:str='rigl', # 'rigl': regrow where the dense gradient is largest; 'set': at random
-                 update_every:int=100, # optimizer steps between two connectivity updates
+                 update_every:int=100, # batches of the training clock between two connectivity updates
                  fraction:float=0.3, # fraction of each layer's active weights moved at the first update, in (0, 1]
                  stop_pct:float=0.75, # no update from this fraction of training on, in (0, 1]
                  distribution:str='uniform', # per-layer allocation of one `sparsity`: 'uniform' or 'erk'
@@ -182,25 +166,130 @@ class DynamicSparseCallback(MaskHolder):
             if not sparsity: raise ValueError("sparsity: got an empty dict; give {layer_name: target}")
             for k,v in sparsity.items(): as_fraction(v, f"sparsity[{k!r}]")
         else: as_fraction(sparsity)
-        regrow = _check_choice('regrow', regrow, regrow_methods)
-        distribution = _check_choice('distribution', distribution, distributions)
+        regrow = check_choice(regrow, regrow_methods, 'regrow')
+        distribution = check_choice(distribution, distributions, 'distribution')
         if isinstance(sparsity, dict) and distribution != 'uniform': _layer_targets({}, sparsity, distribution)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-            raise ValueError(f"update_every={update_every!r} must be a positive integer (optimizer steps)")
-        fraction,stop_pct = _check_unit('fraction', fraction),_check_unit('stop_pct', stop_pct)
+        if update_every == 'epoch': raise ValueError("update_every='epoch' is not available here: give a positive integer (batches)")
+        fraction,stop_pct = check_unit(fraction, 'fraction'),check_unit(stop_pct, 'stop_pct')
         check_layer_type(layer_type)
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an integer, got {seed!r}")
-        super().__init__()
-        store_attr('sparsity,regrow,update_every,fraction,stop_pct,distribution,layer_type,include,exclude,seed')
-        self.sp,self.report,self.history = None,None,[]
-        self._model,self._grads,self._grown,self._pending,self._hooks,self._skipped = None,None,{},None,[],False
-        self._fitting = False
+        super().__init__(update_every)
+        store_attr('sparsity,regrow,fraction,stop_pct,distribution,layer_type,include,exclude,seed')
+        self.history = []
 
-    _stateattrs = ('sp', '_model', '_grads', '_grown', '_pending', '_hooks', '_metric')
+    def _init_state(self):
+        super()._init_state(); self._model,self._last_masks,self._grown = None,None,{}
+
+    _stateattrs = MaskedTraining._stateattrs + ('_model', '_last_masks', '_grown')
 
     def __repr__(self):
         return (f"DynamicSparseCallback(sparsity={self.sparsity}, regrow={self.regrow!r}, update_every={self.update_every}, "
                 f"fraction={self.fraction}, stop_pct={self.stop_pct}, distribution={self.distribution!r})")
+
+    def setup(self):
+        "Select the layers and make the first masks (random, or a sparse model's zeros; a later fit keeps the last ones)"
+        model = unwrap_model(self.learn.model)
+        d = isinstance(self.sparsity, dict)
+        self.sparsifier = sp = Sparsifier(model, 'weight', 'local', layer_type=None if d else self.layer_type,
+                                          include=list(self.sparsity) if d else self.include, exclude=self.exclude, seed=self.seed)
+        targets = _layer_targets(sp.layers, self.sparsity, self.distribution)
+        sp.targets.update(targets)
+        names = [_wname(n) for n in sp.layers]
+        keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names
+        sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed))
+        self._model,self._last_masks,self._grads,self._grown,self.history = model,sp.masks,None,{},[]
+
+    def fraction_at(self,
+                    step:int, # training batches done, counting the current one (the callback's clock)
+                    total:int, # training batches in the whole fit
+                   )->float: # fraction of active weights moved by an update at `step`, 0 from `stop_pct` on
+        "Cosine-decayed fraction `fraction * (1 + cos(pi * step / T)) / 2` with `T = stop_pct * total`"
+        T = self.stop_pct * total
+        return 0. if step >= T else self.fraction * (1 + math.cos(math.pi * step / T)) / 2
+
+    def is_update(self, clock:int) -> bool:
+        "Whether batch `clock` of the training clock is an update batch"
+        return clock % self.update_every == 0 and clock < self.stop_pct * self.total
+
+    def read_grads(self):
+        "Before an update batch with RigL, keep the dense gradients (the base then masks them)"
+        if self.regrow == 'rigl' and self.is_update(self.clock + 1):
+            self._grads = {n: m.weight.grad.detach().abs() for n,m in self.sparsifier.layers.items() if m.weight.grad is not None}
+
+    def on_batch(self):
+        "Drop and regrow when this batch is an update batch"
+        if self.is_update(self.clock): self.update_masks(self.clock)
+        self._grads = None
+
+    def after_cancel_step(self):
+        "A skipped step (fp16 overflow): the batch does not count, and its gradients are not used"
+        super().after_cancel_step(); self._grads = None
+
+    def release(self):
+        "Drop the dense gradients kept for RigL"
+        self._grads = None
+
+    @torch.no_grad()
+    def update_masks(self,
+                     clock:int, # batches of the training clock done (seeds the random choices, sets the fraction)
+                    ):
+        "Drop and regrow in every selected layer; zero the regrown weights and the optimizer state that changed"
+        total = self.total
+        f = self.fraction_at(clock, total)
+        g = _gen(self.seed, clock)
+        opt = getattr(self.learn, 'opt', None)
+        moved,again,before = {},0,0
+        for n,m in self.sparsifier.layers.items():
+            key = _wname(n); mask = self.masks[key]
+            k = round(f * int(mask.sum()))
+            scores = None if self.regrow == 'set' else (self._grads or {}).get(n)
+            if self.regrow == 'rigl' and scores is None and k:
+                warnings.warn(f"layer {n!r} has no gradient at batch {clock} (is it used in forward?); RigL regrows it at random")
+            new,drop,grow = drop_and_grow(mask, m.weight, k, scores, g)
+            if n in self._grown:  # how many of the connections grown at the previous update are dropped again
+                again += int(drop.reshape(-1)[self._grown[n]].sum()); before += self._grown[n].numel()
+            self._grown[n] = grow.reshape(-1).nonzero().squeeze(1)
+            mask.copy_(new)  # in place: the tensor keeps its identity
+            m.weight.data.masked_fill_(~new | grow, 0.)
+            if opt is not None:
+                for v in opt_states(opt, m.weight): v.masked_fill_(~new | grow, 0)
+            moved[n] = int(grow.sum())
+        self.masks_changed()
+        self.history.append(dict(step=clock, epoch=self.epoch, pct=clock / total, fraction=f,
+                                 moved=sum(moved.values()), regrown_dropped=again / before if before else float('nan'),
+                                 per_layer=moved))
+        _logger.debug("batch %d: moved %d connections (fraction %.4f)", clock, sum(moved.values()), f)
+
+    def load_own_state(self, d:dict):
+        "A restored checkpoint sets new masks: check they name this callback's layers"
+        self._last_masks = self.sparsifier.masks
+
+    def history_df(self) -> pd.DataFrame:
+        "One row per update: step, epoch, progress, fraction, total moved, regrown_dropped, and moved per layer"
+        rows = [{**{k: v for k,v in h.items() if k != 'per_layer'}, **{f"moved[{n}]": c for n,c in h['per_layer'].items()}}
+                for h in self.history]
+        return pd.DataFrame(rows)
+
+    def plot_history(self,
+                     ax=None): # a matplotlib Axes for the moved connections only; None: a new figure with both panels
+        "Connections moved per layer at each update (stacked) and the fraction of last growth dropped again"
+        if not self.history: raise ValueError("no history yet: call plot_history() after a fit with at least one update")
+        df = self.history_df()
+        if ax is None: fig,(ax,ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw=dict(height_ratios=(2, 1)))
+        else: fig,ax2 = ax.figure,None
+        cols = [c for c in df.columns if c.startswith('moved[')]
+        w = max(0.002, 0.8 * float(df.pct.diff().min())) if len(df) > 1 else 0.02
+        bottom = 0
+        for c in cols:
+            ax.bar(df.pct, df[c], width=w, bottom=bottom, label=c[6:-1], align='center'); bottom = bottom + df[c]
+        ax.set_ylabel('connections moved'); ax.legend(title='layer', fontsize=8)
+        ax.set_title(f"{self.regrow.upper()}: connections moved per update")
+        if ax2 is not None:
+            ax2.plot(df.pct, df.regrown_dropped, marker='o', ms=3)
+            ax2.set_ylim(0, 1); ax2.set_ylabel('regrown, then\ndropped'); ax2.set_xlabel('training progress')
+        else: ax.set_xlabel('training progress')
+        ax.set_xlim(0, 1); fig.tight_layout(); plt.close(fig)
+        return fig
 
 # %% ../nbs/08_dst.ipynb #220d553a
 def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
@@ -219,186 +308,3 @@ def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
         warnings.warn(f"layers {kept} keep their zeros as masks, but {drawn} have fewer exact zeros than their "
                       f"targets: their masks are drawn at random, which zeros trained weights")
     return masks
-
-# %% ../nbs/08_dst.ipynb #6493fa26
-@patch
-def before_fit(self:DynamicSparseCallback):
-    "Select the layers, make the first masks (random, or a sparse model's zeros; a later fit keeps the last), add the `sparsity` column"
-    if in_validation_context(self.learn): return  # `learn.validate()`/`get_preds` fire before_fit without training
-    model = _raw(self.learn.model)
-    d = isinstance(self.sparsity, dict)
-    self.sp = Sparsifier(model, 'weight', 'local', layer_type=None if d else self.layer_type,
-                         include=list(self.sparsity) if d else self.include, exclude=self.exclude, seed=self.seed)
-    targets = _layer_targets(self.sp.layers, self.sparsity, self.distribution)
-    self.sp.targets.update(targets)
-    names = [_wname(n) for n in self.sp.layers]
-    keep = self._model is model and list(self.masks) == names   # a later fit: keep the connectivity
-    if not keep: self.masks = _initial_masks(self.sp.layers, targets, self.seed)
-    self.sp.masks = self.masks
-    self._model,self._good,self._grads,self._grown,self._skipped,self.history = model,0,None,{},False,[]
-    self._ticks = 0  # training batches that moved the clock (all but those whose step the grad scaler skipped)
-    self._fitting = True
-    self._attach()
-    if self._pending is not None: self._restore(self._pending); self._pending = None
-    self.mask_all()
-    self._metric = ValueMetric(self.current_sparsity, 'sparsity')
-    self.learn.metrics = L(self.learn.metrics) + [self._metric]
-    _logger.info("%r: %d layers, sparsity %.4f", self, len(self.masks), self.current_sparsity())
-
-@patch
-def current_sparsity(self:DynamicSparseCallback) -> float:
-    "Fraction of the selected layers' weights that are masked now"
-    tot = sum(m.numel() for m in self.masks.values())
-    return sum(int((~m).sum()) for m in self.masks.values()) / tot if tot else 0.
-
-@patch
-def fraction_at(self:DynamicSparseCallback,
-                step:int, # training batches done, counting the current one (the callback's clock)
-                total:int, # training batches in the whole fit
-               )->float: # fraction of active weights moved by an update at `step`, 0 from `stop_pct` on
-    "Cosine-decayed fraction `fraction * (1 + cos(pi * step / T)) / 2` with `T = stop_pct * total`"
-    T = self.stop_pct * total
-    return 0. if step >= T else self.fraction * (1 + math.cos(math.pi * step / T)) / 2
-
-@patch
-def _due(self:DynamicSparseCallback, step:int) -> bool:
-    "Whether optimizer step `step`, taken in the current batch, is an update step"
-    return step % self.update_every == 0 and self._ticks + 1 < self.stop_pct * self.n_epoch * self.n_iter
-
-@patch
-def before_batch(self:DynamicSparseCallback):
-    "At the first batch of a fit resumed at a later epoch (`start_epoch`) from weights without our checkpoint data, start the clocks at that epoch"
-    # (`before_train` can't: there `n_iter` is still the length of whichever loader ran last, e.g. after `validate()`)
-    if self.training and self.train_iter == 0 and self.epoch > 0 and self._good == 0 and self._ticks == 0:
-        self._good = self._ticks = self.epoch * self.n_iter  # one optimizer step per batch: the best guess without the checkpoint
-
-@patch
-def after_backward(self:DynamicSparseCallback):
-    "Before an update step with RigL, keep the dense gradients; then mask the gradients"
-    if self.regrow == 'rigl' and self._due(self._good + 1):  # the coming step updates: keep the dense gradient
-        self._grads = {n: m.weight.grad.detach().abs() for n,m in self.sp.layers.items() if m.weight.grad is not None}
-    self.mask_grads()
-
-@patch
-def after_cancel_step(self:DynamicSparseCallback):
-    "A skipped step (fp16 overflow) is not counted"
-    self._skipped = True
-
-@patch
-def after_step(self:DynamicSparseCallback):
-    "Count the step, re-zero masked weights, and drop/regrow when an update is due"
-    if self._skipped: self._grads = None; self.mask_weights(); return  # (nor is the batch: see `after_batch`)
-    self._good += 1
-    if self.rezero_after_step(): self.mask_weights()  # see `MaskHolder`: skipped when a step cannot move a zero
-    if self._due(self._good): self.update_masks(self._good, self._ticks + 1)
-    self._grads = None
-
-@patch
-def after_batch(self:DynamicSparseCallback):
-    "Move the clock of `stop_pct` and the cosine decay on by one training batch, unless the grad scaler skipped its step"
-    if not self.training: return
-    if self._skipped: self._skipped = False
-    else: self._ticks += 1
-
-# %% ../nbs/08_dst.ipynb #a1252865
-@patch
-@torch.no_grad()
-def update_masks(self:DynamicSparseCallback,
-                 step:int, # optimizer steps taken (seeds the random choices)
-                 clock:int=None, # training batches done, for the fraction (`fraction_at`); default `step`
-                ):
-    "Drop and regrow in every selected layer; zero the regrown weights and the optimizer state that changed"
-    total = self.n_epoch * self.n_iter
-    clock = step if clock is None else clock
-    f = self.fraction_at(clock, total)
-    g = _gen(self.seed, step)
-    opt = getattr(self.learn, 'opt', None)
-    moved,again,before = {},0,0
-    for n,m in self.sp.layers.items():
-        key = _wname(n); mask = self.masks[key]
-        k = round(f * int(mask.sum()))
-        scores = None if self.regrow == 'set' else (self._grads or {}).get(n)
-        if self.regrow == 'rigl' and scores is None and k:
-            warnings.warn(f"layer {n!r} has no gradient at step {step} (is it used in forward?); RigL regrows it at random")
-        new,drop,grow = drop_and_grow(mask, m.weight, k, scores, g)
-        if n in self._grown:  # how many of the connections grown at the previous update are dropped again
-            again += int(drop.reshape(-1)[self._grown[n]].sum()); before += self._grown[n].numel()
-        self._grown[n] = grow.reshape(-1).nonzero().squeeze(1)
-        mask.copy_(new)  # in place: the tensor keeps its identity
-        m.weight.data.masked_fill_(~new | grow, 0.)
-        if opt is not None:
-            for v in opt_states(opt, m.weight): v.masked_fill_(~new | grow, 0)
-        moved[n] = int(grow.sum())
-    self.history.append(dict(step=step, epoch=self.epoch, pct=clock / total, fraction=f,
-                             moved=sum(moved.values()), regrown_dropped=again / before if before else float('nan'),
-                             per_layer=moved))
-    _logger.debug("step %d: moved %d connections (fraction %.4f)", step, sum(moved.values()), f)
-
-@patch
-def after_fit(self:DynamicSparseCallback):
-    "Store the per-layer report (`cb.report`, `learn.sparsity_report`), remove the column, leave a plain state dict"
-    if self.sp is None or in_validation_context(self.learn): return
-    self.mask_weights()
-    self.report = self.sp.sparsity_report()
-    self.learn.sparsity_report = self.report
-    self.learn.metrics = L(m for m in self.learn.metrics if m is not self._metric)
-    self._grads,self._fitting = None,False
-    self._detach()
-
-# %% ../nbs/08_dst.ipynb #3987fa2c
-_DST = _META + 'dst.'
-
-@patch
-def _save_hook(self:DynamicSparseCallback, module, sd, prefix, local_metadata):
-    for k,v in self.masks.items(): sd[f"{prefix}{_DST}mask.{k}"] = v.clone()
-    sd[f"{prefix}{_DST}step"] = torch.tensor(self._good)
-    sd[f"{prefix}{_DST}ticks"] = torch.tensor(self._ticks)
-
-@patch
-def _load_hook(self:DynamicSparseCallback, module, sd, prefix, local_metadata, strict, missing, unexpected, errors):
-    p = prefix + _DST
-    got = {k[len(p):]: sd.pop(k) for k in [k for k in sd if k.startswith(p)]}
-    if not got: return
-    if self._fitting: self._restore(got)
-    else: self._pending = got  # restored by the next `before_fit`
-
-@patch
-def _restore(self:DynamicSparseCallback, got:dict):
-    for k,v in got.items():
-        if not k.startswith('mask.'): continue
-        k = k[5:]
-        if k not in self.masks: raise ValueError(f"checkpoint mask {k!r} names no layer this callback sparsifies ({list(self.masks)})")
-        self.masks[k].copy_(v.to(self.masks[k].device))
-    self._good = int(got['step'])
-    self._ticks = int(got.get('ticks', self._good))  # (a checkpoint from before the clock was kept: steps were batches)
-    self.mask_all()
-
-# %% ../nbs/08_dst.ipynb #dc42ce40
-@patch
-def history_df(self:DynamicSparseCallback) -> pd.DataFrame:
-    "One row per update: step, epoch, progress, fraction, total moved, regrown_dropped, and moved per layer"
-    rows = [{**{k: v for k,v in h.items() if k != 'per_layer'}, **{f"moved[{n}]": c for n,c in h['per_layer'].items()}}
-            for h in self.history]
-    return pd.DataFrame(rows)
-
-@patch
-def plot_history(self:DynamicSparseCallback,
-                 ax=None): # a matplotlib Axes for the moved connections only; None: a new figure with both panels
-    "Connections moved per layer at each update (stacked) and the fraction of last growth dropped again"
-    if not self.history: raise ValueError("no history yet: call plot_history() after a fit with at least one update")
-    df = self.history_df()
-    if ax is None: fig,(ax,ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw=dict(height_ratios=(2, 1)))
-    else: fig,ax2 = ax.figure,None
-    cols = [c for c in df.columns if c.startswith('moved[')]
-    w = max(0.002, 0.8 * float(df.pct.diff().min())) if len(df) > 1 else 0.02
-    bottom = 0
-    for c in cols:
-        ax.bar(df.pct, df[c], width=w, bottom=bottom, label=c[6:-1], align='center'); bottom = bottom + df[c]
-    ax.set_ylabel('connections moved'); ax.legend(title='layer', fontsize=8)
-    ax.set_title(f"{self.regrow.upper()}: connections moved per update")
-    if ax2 is not None:
-        ax2.plot(df.pct, df.regrown_dropped, marker='o', ms=3)
-        ax2.set_ylim(0, 1); ax2.set_ylabel('regrown, then\ndropped'); ax2.set_xlabel('training progress')
-    else: ax.set_xlabel('training progress')
-    ax.set_xlim(0, 1); fig.tight_layout(); plt.close(fig)
-    return fig
