@@ -17,6 +17,7 @@ from .schedule import get_schedule, agp
 from .nm import parse_nm
 from .granularity import group_shape, check_granularity
 from .sparsifier import Sparsifier
+from .tensors import weight_name
 from .training import MaskedTraining, unwrap_model
 
 _logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class FixedSparsityCallback(MaskedTraining):
         self.sparsifier = Sparsifier(model, layer_type=None, include=layers)
         self.sparsifier.masks.update(masks)
         for n in self.sparsifier.layers:
-            m = masks.get(f"{n}.weight" if n else 'weight')
+            m = masks.get(weight_name(n))
             if m is not None: self.sparsifier.targets[n] = 1 - m.float().mean().item()
 
 # %% ../nbs/05b_callback.ipynb #d5708b4d
@@ -195,7 +196,7 @@ class SparsifyCallback(MaskedTraining):
         def pin(n, k):  # mask the first `k` zero groups of layer n (by index)
             keep = torch.ones(groups[n], dtype=torch.bool)
             keep[zero[n].nonzero().squeeze(1)[:k].cpu()] = False
-            sp._set_masks(n, keep)
+            sp.set_masks(n, keep)
         if self.context == 'global':
             n_all = sum(groups.values())
             want = left = round(self.targets * n_all)

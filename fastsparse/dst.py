@@ -10,7 +10,8 @@ from torch import Tensor
 import pandas as pd
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
-from .sparsifier import Sparsifier, select_layers
+from .sparsifier import Sparsifier
+from .tensors import select_layers, weight_name
 from .checks import as_fraction, check_layer_type, check_choice, check_unit, check_number
 from .training import MaskedTraining, opt_states, unwrap_model
 
@@ -93,8 +94,6 @@ def _layer_targets(layers:dict, sparsity, distribution:str) -> dict:
     s = as_fraction(sparsity)
     return erk_sparsities(layers, s) if distribution == 'erk' else {n: s for n in layers}
 
-def _wname(n): return f"{n}.weight" if n else 'weight'
-
 def _random_keep(numel:int, k:int, g:torch.Generator, device=None) -> Tensor:
     "1-D bool mask with exactly `k` False entries at random positions"
     keep = torch.ones(numel, dtype=torch.bool)
@@ -115,7 +114,7 @@ def random_masks(model:nn.Module, # the model whose layers get masks
     else: layers = select_layers(model, layer_type, include, exclude)
     targets = _layer_targets(layers, sparsity, distribution)
     g = _gen(seed, 0)
-    return {_wname(n): _random_keep(m.weight.numel(), round(targets[n] * m.weight.numel()), g, m.weight.device).view_as(m.weight)
+    return {weight_name(n): _random_keep(m.weight.numel(), round(targets[n] * m.weight.numel()), g, m.weight.device).view_as(m.weight)
             for n,m in layers.items()}
 
 # %% ../nbs/08_dst.ipynb #1829ee0e
@@ -194,7 +193,7 @@ class DynamicSparseCallback(MaskedTraining):
                                           include=list(self.sparsity) if d else self.include, exclude=self.exclude, seed=self.seed)
         targets = _layer_targets(sp.layers, self.sparsity, self.distribution)
         sp.targets.update(targets)
-        names = [_wname(n) for n in sp.layers]
+        names = [weight_name(n) for n in sp.layers]
         keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names
         sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed))
         self._model,self._last_masks,self._grads,self._grown,self.history = model,sp.masks,None,{},[]
@@ -240,7 +239,7 @@ class DynamicSparseCallback(MaskedTraining):
         opt = getattr(self.learn, 'opt', None)
         moved,again,before = {},0,0
         for n,m in self.sparsifier.layers.items():
-            key = _wname(n); mask = self.masks[key]
+            key = weight_name(n); mask = self.masks[key]
             k = round(f * int(mask.sum()))
             scores = None if self.regrow == 'set' else (self._grads or {}).get(n)
             if self.regrow == 'rigl' and scores is None and k:
@@ -303,7 +302,7 @@ def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
             keep[torch.sort(w.abs(), stable=True).indices[:k]] = False  # the zeros first, by index
             kept.append(n)
         else: keep = _random_keep(w.numel(), k, g, w.device); drawn.append(n)
-        masks[_wname(n)] = keep.view_as(m.weight)
+        masks[weight_name(n)] = keep.view_as(m.weight)
     if kept and any(round(targets[n] * layers[n].weight.numel()) for n in drawn):
         warnings.warn(f"layers {kept} keep their zeros as masks, but {drawn} have fewer exact zeros than their "
                       f"targets: their masks are drawn at random, which zeros trained weights")
