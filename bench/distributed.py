@@ -47,13 +47,13 @@ def train(rank, o):
         history = (list(learn.recorder.metric_names[1:-1]), [list(map(float, v)) for v in learn.recorder.values])
         acc = float(learn.validate()[1])   # gathered over the ranks: the whole validation set
     secs = time.perf_counter() - t0
-    agree = masks_agree(cb.sp.masks)
-    masks = {n: cb.sp.masks[f'{n}.weight'] for n in cb.sp.layers}
+    agree = masks_agree(cb.sparsifier.masks)
+    masks = {n: cb.sparsifier.masks[f'{n}.weight'] for n in cb.sparsifier.layers}
     masked = {n: int((~m).sum()) for n, m in masks.items()}
     numel = {n: m.numel() for n, m in masks.items()}
-    held = all(bool((m.weight[~masks[n]] == 0).all()) for n, m in cb.sp.layers.items())
-    return dict(rank=rank, seen=seen, masks=mask_digest(cb.sp.masks), weights=weights_digest(learn.model), held=held,
-                masked=masked, numel=numel, targets=dict(cb.sp.targets), agree=agree, acc=acc, secs=secs, history=history)
+    held = all(bool((m.weight[~masks[n]] == 0).all()) for n, m in cb.sparsifier.layers.items())
+    return dict(rank=rank, seen=seen, masks=mask_digest(cb.sparsifier.masks), weights=weights_digest(learn.model), held=held,
+                masked=masked, numel=numel, targets=dict(cb.sparsifier.targets), agree=agree, acc=acc, secs=secs, history=history)
 
 def expected_masked(r, o):
     "The exact count asked for: per layer round(s*n), or round(s*N) over the layers in global context"

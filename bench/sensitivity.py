@@ -63,7 +63,7 @@ def run_seed(a, seed):
             ctx,inc = ('global', list(sens.layers)) if name == 'global' else ('local', None)  # (a dict names its layers itself)
             cb = SparsifyCallback(tg, 'weight', ctx, 'large_final', agp.with_pcts(0., a.prune_pct), layer_type=(nn.Conv2d, nn.Linear), include=inc)
             row[f"{name}@{T:g}"] = fit(ft, a.epochs, a.ft_lr, cbs=cb)
-            rep = cb.report.set_index('layer')
+            rep = cb.sparsity_report().set_index('layer')
             if name == 'global': assert rep.loc['total', 'zeros'] == round(T*P), (name, T); continue
             for n,t in tg.items(): assert rep.loc[n, 'zeros'] == round(t*rep.loc[n, 'params']), (name, T, n)
     log.info(f"seed {seed}: {time.time()-t0:.0f}s {row}")

@@ -111,7 +111,7 @@ def main(out:str='demo_out', # folder for the report, plots and weights
     cb = SparsifyCallback(sparsity, granularity, 'local', 'large_final', agp.with_pcts(0., 0.75), layer_type=nn.Conv2d)
     learn = Learner(digits_dls(), digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
     learn.fit_one_cycle(epochs, lr)
-    rep = cb.report
+    rep = cb.sparsity_report()
     rep.to_csv(out/'sparsity_report.csv', index=False)
     cb.plot().savefig(out/'layer_sparsity.png', dpi=100)
     cb.plot_history().savefig(out/'sparsity_history.png', dpi=100)

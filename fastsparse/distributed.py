@@ -18,7 +18,7 @@ from fastai.data.load import DataLoader, _FakeLoader
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import store_attr
 from .sparsifier import dist_active
-from .callback import MaskHolder
+from .training import MaskedTraining
 
 _logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _check_group():
 
 class CPUDistributedTrainer(Callback):
     "Wrap the model in `DistributedDataParallel` (CPU, no device ids) and the data in `CPUDistributedDL` during fit"
-    order = MaskHolder.order - 1  # before sparsity callbacks: they build their state once the weights are rank 0's
+    order = MaskedTraining.order - 1  # before sparsity callbacks: they build their state once the weights are rank 0's
     def __init__(self, ddp_kwargs:dict=None): # more arguments of `DistributedDataParallel`, e.g. {'find_unused_parameters': True}
         self.ddp_kwargs = dict(ddp_kwargs or {})
         for k in ('module', 'device_ids', 'output_device'):
@@ -203,7 +203,7 @@ def cpu_distrib_ctx(self:Learner,
     finally: self.detach_cpu_distributed()
 
 # %% ../nbs/13_distributed.ipynb #e4848ca9
-def mask_digest(masks:dict, # {tensor name: bool mask}, e.g. `cb.sp.masks` or `cb.masks`
+def mask_digest(masks:dict, # {tensor name: bool mask}, e.g. `cb.sparsifier.masks` or `cb.masks`
                )->str: # hex sha256
     "sha256 of the masks' names and bits, in name order: the same digest means the same masks"
     h = hashlib.sha256()

@@ -91,9 +91,9 @@ def plot_mask(x, # a bool mask (True = kept), a weight tensor (nonzero = kept), 
 
 # %% ../nbs/11_report.ipynb #542f190a
 def _held_sparsifier(o):
-    "`o` if it is a `Sparsifier`, or the one it holds as `.sparsifier` or `.sp` (like `SparsifyCallback`), or None"
+    "`o` if it is a `Sparsifier`, or the one it holds as `.sparsifier` (like `SparsifyCallback`), or None"
     if isinstance(o, Sparsifier): return o
-    for attr in ('sparsifier', 'sp'):
+    for attr in ('sparsifier',):
         sp = getattr(o, attr, None)
         if isinstance(sp, Sparsifier): return sp
     return None

@@ -71,12 +71,12 @@ def worker(rank, names):
         finally: Sparsifier.sync_state = sync
         h = hashlib.sha256()
         for k, v in sorted(learn.model.state_dict().items()): h.update(k.encode()); h.update(v.contiguous().numpy().tobytes())
-        layers = cb.sp.layers
-        out[name] = dict(log=list(log), seen=[list(s) for s in seen], final=mask_digest(cb.sp.masks), weights=h.hexdigest(),
-                         agree=masks_agree(cb.sp.masks), targets=dict(cb.sp.targets),
+        layers = cb.sparsifier.layers
+        out[name] = dict(log=list(log), seen=[list(s) for s in seen], final=mask_digest(cb.sparsifier.masks), weights=h.hexdigest(),
+                         agree=masks_agree(cb.sparsifier.masks), targets=dict(cb.sparsifier.targets),
                          zeros={n: int((m.weight == 0).sum()) for n, m in layers.items()},
-                         masked={n: int((~cb.sp.masks[f'{n}.weight']).sum()) for n in layers},
-                         held=all(bool((m.weight[~cb.sp.masks[f'{n}.weight']] == 0).all()) for n, m in layers.items()),
+                         masked={n: int((~cb.sparsifier.masks[f'{n}.weight']).sum()) for n in layers},
+                         held=all(bool((m.weight[~cb.sparsifier.masks[f'{n}.weight']] == 0).all()) for n, m in layers.items()),
                          numel={n: m.weight.numel() for n, m in layers.items()}, wrapped=type(learn.model).__name__)
     return out
 

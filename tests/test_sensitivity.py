@@ -69,11 +69,11 @@ def test_analysis_with_sparsify_callback_attached():
     cb = SparsifyCallback(0.8, layer_type=nn.Conv2d)
     learn = learner(cbs=cb)
     learn.fit(1, 1e-2)
-    rep = cb.report.copy()
+    rep = cb.sparsity_report().copy()
     before = snapshot(learn)
     analyze_sensitivity(learn, (0.5,), show_progress=False)
     assert_same(before, snapshot(learn))
-    assert cb.report.equals(rep) and cb in learn.cbs and cb.learn is learn
+    assert cb.sparsity_report().equals(rep) and cb in learn.cbs and cb.learn is learn
 
 def test_metric_choice_and_direction(trained):
     learn, sens = trained
@@ -172,7 +172,7 @@ def test_training_with_dict_reaches_targets(trained):
     cb = SparsifyCallback(targets, 'weight', schedule='agp')
     learn = learner(cbs=cb)
     learn.fit(2, 1e-3)
-    rep = cb.report.set_index('layer')
+    rep = cb.sparsity_report().set_index('layer')
     assert set(rep.index) == set(targets) | {'total'}
     for n, t in targets.items():
         assert rep.loc[n, 'zeros'] == round(t*sens.params[n]), n
