@@ -2,8 +2,9 @@
 import copy, math, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from fastsparse.sparsifier import Sparsifier
-from fastsparse.export import (shrink, shrink_plan, shrinkable_layers, to_sparse_inference, SparseLinear, count_params,
-                               time_inference, size_report, save_compressed, load_compressed)
+from fastsparse.export import (shrink, shrink_plan, shrinkable_layers, to_sparse_inference, SparseLinear, Int8Linear,
+                               quantize_int8, count_params, time_inference, size_report, save_compressed, load_compressed)
+from fastsparse.export.timing import max_rel_error
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
 
@@ -180,7 +181,7 @@ def _sparse_mlp(s=0.95, bias=True):
     Sparsifier(m, 'weight', layer_type=nn.Linear, exclude='4').sparsify_model(s)
     return m.eval()
 
-REPORT_COLS = ['layer', 'shape', 'sparsity', 'form', 'dense_ms', 'sparse_ms', 'speedup', 'note']
+REPORT_COLS = ['layer', 'shape', 'sparsity', 'form', 'dense_ms', 'form_ms', 'speedup', 'error', 'note']
 
 def test_to_sparse_inference_measures_and_agrees():
     m = _sparse_mlp()
@@ -189,7 +190,7 @@ def test_to_sparse_inference_measures_and_agrees():
     assert list(rep.columns) == REPORT_COLS and rep.layer.tolist() == ['0', '2', '4']
     assert rep.form.iloc[2] == 'dense' and math.isnan(rep.speedup.iloc[2])
     for _,r in rep.iloc[:2].iterrows():
-        assert r.dense_ms > 0 and r.sparse_ms > 0 and math.isclose(r.speedup, r.dense_ms/r.sparse_ms)
+        assert r.dense_ms > 0 and r.form_ms > 0 and math.isclose(r.speedup, r.dense_ms/r.form_ms)
         assert (r.form == 'csr') == (r.speedup >= 1.1) == isinstance(fast.get_submodule(r.layer), SparseLinear)
     assert _close(fast(x), m(x)) and not fast.training
     assert all(isinstance(l, nn.Linear) for l in (m[0], m[2]))  # input model untouched
@@ -212,10 +213,55 @@ def test_to_sparse_inference_thresholds_and_errors():
     assert rep.form.tolist() == ['dense']*3 and rep.note.str.contains('min_sparsity').all()
     _,rep = to_sparse_inference(m, torch.randn(1, 256), min_speedup=1e9, n=1)
     assert rep.form.tolist() == ['dense']*3 and rep.note.iloc[0].startswith('best csr')
-    with pytest.raises(ValueError, match=r"forms='bsr' is not valid; choose one of \['csr', 'semi_structured'\]"):
+    with pytest.raises(ValueError, match=r"forms='bsr' is not valid; choose one of \['csr', 'semi_structured', 'int8'\]"):
         to_sparse_inference(m, torch.randn(1, 256), forms=['bsr'])
     with pytest.raises(ValueError, match='min_sparsity=150.0 is out of range'): to_sparse_inference(m, torch.randn(1, 256), min_sparsity=150)
     with pytest.raises(ValueError, match='n must be an integer >= 1, got 0'): to_sparse_inference(m, torch.randn(1, 256), n=0)
+
+def test_int8_mix_measured_per_layer():
+    m = _sparse_mlp(0.7)
+    x = torch.randn(8, 256)
+    fast,rep = to_sparse_inference(m, x, forms=['csr', 'int8'], n=5)
+    assert list(rep.columns) == REPORT_COLS
+    kinds = {'dense': nn.Linear, 'csr': SparseLinear, 'int8': Int8Linear}
+    for _,r in rep.iterrows():
+        assert type(fast.get_submodule(r.layer)) is kinds[r.form], r.layer
+        if r.form != 'dense': assert r.speedup >= 1.1 and 0 <= r.error <= 0.05
+        else: assert r.error == 0
+    assert max_rel_error(fast(x), m(x)) <= 0.1
+    # every layer forced to int8: the pattern of non-zeros is kept and the outputs stay close, for any input shape
+    all8,rep8 = to_sparse_inference(m, x, forms='int8', min_speedup=1e-9, n=1, warmup=0)
+    assert rep8.form.tolist() == ['int8']*3 and (rep8.error > 0).all()
+    assert count_params(all8).nonzero.tolist() == count_params(m).nonzero.tolist()
+    for shape in [(256,), (1, 256), (2, 3, 256)]:
+        xi = torch.randn(*shape)
+        assert all8(xi).shape == m(xi).shape and max_rel_error(all8(xi), m(xi)) <= 0.1
+
+def test_int8_tolerance_and_kernels():
+    m = _sparse_mlp(0.7)
+    _,rep = to_sparse_inference(m, torch.randn(4, 256), forms='int8', min_speedup=1e-9, n=1, int8_tol=1e-6)
+    assert rep.form.tolist() == ['dense']*3 and rep.note.str.contains('> int8_tol').all()
+    with pytest.raises(ValueError, match='int8_tol must be a finite number > 0, got 0'):
+        to_sparse_inference(m, torch.randn(1, 256), forms='int8', int8_tol=0)
+    x = torch.randn(5, 256)
+    ref = m[0](x)
+    for k in ('fbgemm', 'int_mm'):
+        il = Int8Linear(m[0], k)
+        assert il.kernel == k and max_rel_error(il(x), ref) < 0.03
+    with pytest.raises(ValueError, match=r"kernel='x' is not valid; choose one of \['fbgemm', 'int_mm'\]"): Int8Linear(m[0], 'x')
+
+def test_int8_model_saves_and_loads(tmp_path):
+    m = _sparse_mlp(0.9)
+    all8,_ = to_sparse_inference(m, torch.randn(4, 256), forms='int8', min_speedup=1e-9, n=1, warmup=0)
+    x = torch.randn(3, 256)
+    torch.save(all8.state_dict(), tmp_path/'sd.pt')
+    again,_ = to_sparse_inference(_sparse_mlp(0.5), torch.randn(4, 256), forms='int8', min_speedup=1e-9, n=1, warmup=0)
+    again.load_state_dict(torch.load(tmp_path/'sd.pt'))  # int8 weights and scales; the kernels repack
+    assert torch.equal(again(x), all8(x))
+    torch.save(all8, tmp_path/'m.pt')
+    assert torch.equal(torch.load(tmp_path/'m.pt', weights_only=False)(x), all8(x))
+    sr = size_report(all8).set_index('tensor')
+    assert sr.loc['0.weight', 'dtype'] == 'int8' and sr.loc['0.weight', 'stored_bytes'] == 256*512
 
 def test_unused_linear_is_left():
     class WithUnused(nn.Module):
@@ -272,6 +318,9 @@ def test_size_report_exact():
     assert (t.numel, t.nonzero, t.dense_bytes) == (220, 50, 880)
     conv = size_report(SparseLinear(lin)).set_index('tensor').loc['weight']
     assert (conv.stored, conv.stored_bytes, conv.simulated) == ('sparse_csr', 30*4 + 30*4 + 21*4, False)
+    assert (w.int8_bytes, w.int8_bitmask_bytes) == (200 + 4*20, 25 + 30 + 4*20)
+    assert (b.int8_bytes, b.int8_bitmask_bytes) == (80, 3 + 80)  # 1-D: kept in float32
+    assert t.int8_bitmask_bytes == w.int8_bitmask_bytes + b.int8_bitmask_bytes
     half = size_report(lin.half()).set_index('tensor').loc['weight']
     assert (half.dense_bytes, half.bitmask_bytes, half.csr_bytes) == (400, 25 + 60, 30*6 + 84)
 
@@ -290,7 +339,7 @@ def test_save_compressed_round_trip_bit_exact(tmp_path, dtype):
         w = m[3].weight
         w.view(-1)[0] = -0.0; w.view(-1)[1] = float('nan'); w.view(-1)[2] = float('-inf')
     info = save_compressed(m, tmp_path/'m.fsz')
-    assert set(info) == {'path', 'file_bytes', 'state_dict_bytes', 'ratio'}
+    assert set(info) == {'path', 'bits', 'file_bytes', 'state_dict_bytes', 'ratio'}
     assert info['file_bytes'] == (tmp_path/'m.fsz').stat().st_size and info['ratio'] > 2
     sd,ref = load_compressed(tmp_path/'m.fsz'),m.state_dict()
     assert list(sd) == list(ref)
@@ -299,6 +348,36 @@ def test_save_compressed_round_trip_bit_exact(tmp_path, dtype):
         assert torch.equal(_bits(sd[k].contiguous()), _bits(ref[k].contiguous())), k  # bit-exact: -0.0, NaN, inf
     m2 = load_compressed(tmp_path/'m.fsz', plain_cnn().to(dtype))
     for k,v in m2.state_dict().items(): assert torch.equal(_bits(v), _bits(ref[k])), k
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_save_compressed_int8(tmp_path, dtype):
+    m = plain_cnn(bias=True)
+    Sparsifier(m, 'weight', layer_type=(nn.Conv2d, nn.Linear)).sparsify_model(0.9)
+    m = m.to(dtype)
+    info = save_compressed(m, tmp_path/'m8.fsz', bits=8)
+    full = save_compressed(m, tmp_path/'m.fsz')
+    assert info['bits'] == 8 and info['file_bytes'] < full['file_bytes']
+    sd,ref = load_compressed(tmp_path/'m8.fsz'),m.state_dict()
+    assert list(sd) == list(ref)
+    for k,v in ref.items():
+        assert sd[k].dtype == v.dtype and sd[k].shape == v.shape, k
+        if v.is_floating_point() and v.dim() >= 2 and v.numel() >= 64:
+            assert torch.equal(sd[k] == 0, v == 0), k  # zeros exact, non-zeros kept
+            step = v.float().reshape(v.shape[0], -1).abs().amax(1)/127
+            err = (sd[k].float() - v.float()).reshape(v.shape[0], -1).abs()
+            assert (err <= step[:, None]*1.01 + 1e-3*v.float().abs().reshape(v.shape[0], -1)).all(), k  # one step (+ dtype rounding)
+        else: assert torch.equal(sd[k], v), k  # biases, BatchNorm statistics, counters: as they were
+    m2 = load_compressed(tmp_path/'m8.fsz', plain_cnn(bias=True).to(dtype))
+    assert max_rel_error(m2(X.to(dtype)), m(X.to(dtype))) < 0.05
+
+def test_save_compressed_int8_size_of_90pct_linear(tmp_path):
+    lin = nn.Linear(2048, 2048)
+    Sparsifier(lin, 'weight', layer_type=nn.Linear).sparsify_model(0.9)
+    info = save_compressed(lin, tmp_path/'l.fsz', bits=8)
+    w = size_report(lin).set_index('tensor').loc['weight']
+    assert 1/info['ratio'] < 0.07  # about 5.7%: bitmask + int8 non-zeros + scales, the bias in float32
+    assert abs(info['file_bytes'] - (w.int8_bitmask_bytes + 2048*4)) < 4096  # the file is what size_report says, plus pickling
+    with pytest.raises(ValueError, match=r"bits=16 is not valid; choose one of \[None, 8\]"): save_compressed(lin, tmp_path/'x', bits=16)
 
 def test_save_compressed_state_dict_and_errors(tmp_path):
     sd = {'a': torch.zeros(1000), 'b': torch.arange(100), 'c': torch.tensor(3.)}

@@ -77,9 +77,15 @@ def _stored_bytes(t:Tensor) -> int:
 
 def _itemsize(t): return torch.empty(0, dtype=t.dtype).element_size()
 
+def _int8_bytes(t, numel, nz, es, rows) -> dict:
+    "Bytes of `t` as int8 with a float32 scale per row, dense and with a bitmask (weights of 2+ dims; others as they are)"
+    if t.is_floating_point() and len(t.shape) >= 2:
+        return dict(int8_bytes=numel + 4*rows, int8_bitmask_bytes=math.ceil(numel/8) + nz + 4*rows)
+    return dict(int8_bytes=numel*es, int8_bitmask_bytes=math.ceil(numel/8) + nz*es)
+
 def size_report(model:nn.Module, # any model: masked, shrunk or converted
                ) -> pd.DataFrame: # one row per tensor of the state dict, then a 'total' row
-    "Bytes per tensor: as stored now, dense, bitmask + values and CSR; `simulated` flags zeros stored densely"
+    "Bytes per tensor: as stored now, dense, bitmask + values, CSR, int8 and int8 + bitmask; `simulated` flags zeros stored densely"
     rows = []
     for k,t in model.state_dict(keep_vars=True).items():
         if not isinstance(t, Tensor): continue
@@ -91,14 +97,15 @@ def size_report(model:nn.Module, # any model: masked, shrunk or converted
         rows.append(dict(tensor=k, shape=tuple(t.shape), dtype=str(t.dtype).replace('torch.', ''), numel=numel, nonzero=nz,
                          sparsity=1 - nz/numel if numel else 0., stored=form, stored_bytes=stored, dense_bytes=numel*es,
                          bitmask_bytes=math.ceil(numel/8) + nz*es, csr_bytes=nz*(es + 4) + 4*(rows_ + 1),
-                         simulated=form == 'dense' and t.is_floating_point() and nz < numel))
+                         **_int8_bytes(t, numel, nz, es, rows_), simulated=form == 'dense' and t.is_floating_point() and nz < numel))
     cols = ['tensor', 'shape', 'dtype', 'numel', 'nonzero', 'sparsity', 'stored', 'stored_bytes', 'dense_bytes',
-            'bitmask_bytes', 'csr_bytes', 'simulated']
+            'bitmask_bytes', 'csr_bytes', 'int8_bytes', 'int8_bitmask_bytes', 'simulated']
     df = pd.DataFrame(rows, columns=cols)
     s = lambda c: int(df[c].sum())
     dense_float = df[(df.stored == 'dense') & df.dtype.str.contains('float')]
     tot = dict(tensor='total', shape=(), dtype='', numel=s('numel'), nonzero=s('nonzero'),
                sparsity=1 - s('nonzero')/s('numel') if s('numel') else 0., stored='', stored_bytes=s('stored_bytes'),
                dense_bytes=s('dense_bytes'), bitmask_bytes=s('bitmask_bytes'), csr_bytes=s('csr_bytes'),
+               int8_bytes=s('int8_bytes'), int8_bitmask_bytes=s('int8_bitmask_bytes'),
                simulated=bool(dense_float.nonzero.sum() < 0.99*dense_float.numel.sum()))
     return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)

@@ -12,7 +12,7 @@ from ..checks import check_pos_int
 from .counting import count_params
 
 # %% auto #0
-__all__ = ['check_example_input', 'call_model', 'model_device', 'outputs_close', 'time_calls', 'time_inference']
+__all__ = ['check_example_input', 'call_model', 'model_device', 'outputs_close', 'max_rel_error', 'time_calls', 'time_inference']
 
 # %% ../../nbs/07b_export_timing.ipynb #c0b10006
 def check_example_input(x, # the input to check
@@ -63,6 +63,17 @@ def outputs_close(a, # a model output
         if not torch.allclose(u.float(), v.float(), rtol=rtol, atol=atol*scale):
             return False,(u.float() - v.float()).abs().max().item()
     return True,0.
+
+# %% ../../nbs/07b_export_timing.ipynb #5e1a7c02
+def max_rel_error(a, # a model output
+                  b, # the reference output (same structure)
+                 ) -> float: # max |a - b| / max |b| per tensor, the largest over tensors; inf when structures or shapes differ
+    "The largest error of output `a` relative to the magnitude of reference `b`"
+    la,lb = _leaves(a),_leaves(b)
+    if len(la) != len(lb) or any(u.shape != v.shape for u,v in zip(la, lb)): return math.inf
+    errs = [((u.float() - v.float()).abs().max()/v.float().abs().max().clamp_min(1e-12)).item()
+            for u,v in zip(la, lb) if v.numel()]
+    return max(errs, default=0.)
 
 # %% ../../nbs/07b_export_timing.ipynb #7431b5b9
 def _sync(dev):
