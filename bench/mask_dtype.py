@@ -6,7 +6,7 @@ each step pays a conversion that a float mask would not. This script measures th
 is paid: inside a real fit (digits CNN, 90% AGP, Adam, one-cycle), in the steady epochs, with the
 variants interleaved batch by batch in one process, so they see the same machine state.
 
-- `uint8 (library)`: `MaskHolder.mask_grads`, the bool masks viewed as uint8, one `_foreach_mul_`.
+- `uint8 (library)`: `MaskedTraining.mask_grads`, the bool masks viewed as uint8, one `_foreach_mul_`.
 - `bool where`:      `torch.where(mask, grad, 0, out=grad)`, 1 byte per weight, no conversion.
 - `float copy`:      `_foreach_mul_` by float copies of the masks, 4 bytes per weight (not in the library).
 
@@ -32,7 +32,7 @@ class Interleave(Callback):
     def __init__(self, sp):
         self.sp, self.variant, self.times, self.spans, self.batches, self._floats = sp, VARIANTS[0], {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}, [], (None, None)
         library = sp.mask_grads
-        def mask_grads():  # replaces the instance's method: MaskHolder.after_backward calls self.mask_grads()
+        def mask_grads():  # replaces the instance's method: MaskedTraining.after_backward calls self.mask_grads()
             t = time.perf_counter()
             if self.variant == VARIANTS[0]: library()
             else:

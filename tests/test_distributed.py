@@ -52,8 +52,8 @@ def worker(rank, names):
     if 'dst_rigl' in names:
         from fastsparse.dst import DynamicSparseCallback
         upd = DynamicSparseCallback.update_masks
-        def update_masks(self, step, clock=None):   # DST never broadcasts: its masks must agree by construction
-            upd(self, step, clock); log.append((mask_digest(self.masks), None))
+        def update_masks(self, clock):   # DST never broadcasts: its masks must agree by construction
+            upd(self, clock); log.append((mask_digest(self.masks), None))
         DynamicSparseCallback.update_masks = update_masks
 
     out = {}
