@@ -17,7 +17,7 @@ The events' own work (masking gradients, the clock) is the same in both; the dif
 import argparse, statistics, time, warnings
 import torch
 from fastai.basics import Learner, Callback, CrossEntropyLossFlat, accuracy, set_seed
-from fastai.callback.core import _inner_loop
+from fastai.callback.core import _inner_loop  # (to check that the library lists every batch event)
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401
 from fastai.callback.progress import ProgressCallback
 from fastsparse.demo import digits_dls, digits_cnn
