@@ -52,14 +52,16 @@ def _keep_kth(s:Tensor, # 1-D float scores
              ) -> Tensor: # 1-D bool keep-mask
     "Keep-mask of `s` pruning exactly its `k` lowest scores, ties by position: one `kthvalue` and two passes"
     n = s.numel()
-    if k == 0: return torch.ones(n, dtype=torch.bool)
-    if k == n: return torch.zeros(n, dtype=torch.bool)
-    v = torch.kthvalue(s, k).values
+    if k == 0: _check_finite(s); return torch.ones(n, dtype=torch.bool)
+    if k == n: _check_finite(s); return torch.zeros(n, dtype=torch.bool)
+    v = torch.kthvalue(s, k).values  # NaN sorts last: the k-th is NaN only if fewer than k scores are numbers
     keep = torch.gt(s, v)
-    n_le = n - int(torch.count_nonzero(keep))
-    if n_le > k:  # more scores equal to the k-th than fit: the last of them stay
+    n_le = n - int(torch.count_nonzero(keep))  # NaN counts here too: n_le == k means there is none
+    if n_le > k:  # more scores equal to the k-th than fit (or NaN): the last of the ties stay
         eq = torch.eq(s, v).nonzero().squeeze(1)
-        keep[eq[k - (n_le - eq.numel()):]] = True
+        n_lt = int(torch.count_nonzero(torch.lt(s, v)))
+        if n_lt + eq.numel() != n_le: _check_finite(s)
+        keep[eq[k - n_lt:]] = True
     return keep
 
 def _prune_first_ties(eq:Tensor, # 1-D bool: which scores equal the cut
@@ -117,7 +119,7 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
                 sample_size:int=1<<20, # most scores sampled to bracket the cut
                 cap:int=None, # most candidates held at once (default: max(2^20, N/256))
                 small:int=1<<15, # up to this many scores in all, one `kthvalue` over all of them
-                hold:int=1<<22) -> list: # up to this many scores in all, computed once and held between the passes
+                hold:int=1<<22) -> list: # up to this many scores in all (over several tensors), held as one tensor
     "Boolean keep-masks (one per tensor) pruning exactly the `k` lowest scores overall, ties by position"
     if sample_fns is None: sample_fns = [None]*len(score_fns)
     sizes = [getattr(f, 'numel', None) for f in score_fns]
@@ -127,15 +129,16 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
     if k == 0: return [torch.ones(n, dtype=torch.bool) for n in sizes]
     if k == N: return [torch.zeros(n, dtype=torch.bool) for n in sizes]
     if N <= small:  # small enough for one kthvalue over all the scores
-        s = score_fns[0]().reshape(-1) if len(score_fns) == 1 else torch.cat([f().reshape(-1) for f in score_fns])
-        _check_finite(s)
-        return list(_keep_kth(s, k).split(sizes))
-    held = [f().reshape(-1) for f in score_fns] if (len(score_fns) == 1 or N <= hold) else None
-    get = [(lambda s=s: s) for s in held] if held else list(score_fns)
-    step = max(1, N // max(1, min(sample_size, N >> 6)))
-    if held: smp = [s[::step] for s in held]
-    else: smp = [sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)]
-    smp = smp[0] if len(smp) == 1 else torch.cat(smp)
+        if len(score_fns) == 1: return [_keep_kth(score_fns[0]().reshape(-1), k)]
+        return list(_keep_kth(torch.cat([f().reshape(-1) for f in score_fns]), k).split(sizes))
+    if len(score_fns) > 1 and N <= hold:  # held as one tensor: one pass over it, the masks split from one
+        return list(select_keep([ScoreFn(lambda: torch.cat([f().reshape(-1) for f in score_fns]), N)], k, None,
+                                sample_size, cap, small, hold)[0].split(sizes))
+    held = score_fns[0]().reshape(-1) if len(score_fns) == 1 else None
+    get = [lambda: held] if held is not None else list(score_fns)
+    step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
+    if held is not None: smp = held[::step]
+    else: smp = torch.cat([sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)])
     _check_finite(smp)
     n_smp,q = smp.numel(),k/N
     margin = 4*math.sqrt(n_smp*q*(1-q)) + 16
@@ -145,13 +148,13 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
     del smp
     if lo == hi:  # a block of equal scores spans the bracket: the cut is most likely that value
         keeps = _cut_at(get, lo, k)
-        return keeps if keeps is not None else _select_exact(score_fns, k)
+        return keeps if keeps is not None else _select_exact(get, k)
     cap = cap or max(1<<20, N >> 8)
     keeps,cand_s,cand_i,n_lo,n_cand = [],[],[],0,0
     buf = torch.empty(max(sizes), dtype=torch.bool)  # reused by every tensor: no page faults for fresh memory
-    sb = torch.empty(max(sizes)) if not held and any(getattr(f, 'f_out', None) for f in score_fns) else None
+    sb = torch.empty(max(sizes)) if held is None and any(getattr(f, 'f_out', None) for f in score_fns) else None
     for li,f in enumerate(score_fns):
-        if held: s = held[li]
+        if held is not None: s = held
         else: s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
         le = torch.le(s, lo, out=buf[:s.numel()])
         nl = int(torch.count_nonzero(le)); n_lo += nl
@@ -161,13 +164,12 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         n_cand += n_mid
         if n_mid and n_cand <= cap:
             idx = le.logical_or_(ge).logical_not_().nonzero().squeeze(1)
-            cand_s.append(s[idx]); cand_i.append((li, idx))
+            cand_s.append(s.index_select(0, idx)); cand_i.append((li, idx))
         del s, le
     kk = k - n_lo
     if 0 <= kk <= n_cand <= cap:  # the cut is among the candidates (or just outside them): resolve it there
         cand = (cand_s[0] if len(cand_s) == 1 else torch.cat(cand_s)) if cand_s else torch.empty(0)
-        _check_finite(cand)
-        flags = _keep_kth(cand, kk)
+        flags = _keep_kth(cand, kk)  # raises on NaN: a NaN score compares false to both ends, so it is a candidate
         st = 0
         for li,idx in cand_i:
             keeps[li][idx] = flags[st:st+idx.numel()]; st += idx.numel()
