@@ -139,3 +139,89 @@ def test_selection_beyond_2_31():
     k = round(0.9 * L * n)
     keeps = select_keep(fns, k)
     assert sum(int((~kp).sum()) for kp in keeps) == k
+
+# ---- the selection against a slow reference: one stable sort of every score
+from fastsparse.select import round_keep
+from fastsparse.checks import as_fraction
+
+def _lowest(s, k):
+    "Keep-mask pruning the k lowest of `s`, ties by position: one stable sort (the reference)"
+    keep = torch.ones(s.numel(), dtype=torch.bool)
+    keep[torch.sort(s, stable=True).indices[:k]] = False
+    return keep
+
+def _ref_masks(sp, sparsity, round_to=None):
+    "The masks `sp.sparsify_model(sparsity, round_to)` must give, from the scores before it, by sorting"
+    names = list(sp.layers)
+    scores = {n: sp.layer_scores(n)[0]().clone() for n in names}
+    out = {}
+    if isinstance(sparsity, dict) or sp.context == 'local':
+        targets = sparsity if isinstance(sparsity, dict) else {n: sparsity for n in names}
+        for n, s in targets.items():
+            sc = scores[n]; k = round(as_fraction(s) * sc.numel())
+            if round_to: k = round_keep(sc.numel(), k, round_to)
+            out[n] = _lowest(sc, k)
+    else:
+        flat = torch.cat([scores[n] for n in names])
+        keeps = _lowest(flat, round(as_fraction(sparsity) * flat.numel())).split([scores[n].numel() for n in names])
+        for n, kp in zip(names, keeps):
+            if round_to:
+                k = round_keep(kp.numel(), int((~kp).sum()), round_to)
+                if k != int((~kp).sum()): kp = _lowest(scores[n], k)
+            out[n] = kp
+    return {n: kp.view(group_shape(sp.layers[n].weight.shape, sp.dims[n])).expand(sp.layers[n].weight.shape) for n, kp in out.items()}
+
+def _check_update(sp, sparsity, round_to=None):
+    ref = _ref_masks(sp, sparsity, round_to)
+    sp.sparsify_model(sparsity, round_to=round_to)
+    for n, r in ref.items():
+        assert torch.equal(sp.masks[sp.weight_name(n)], r), (n, sparsity, round_to)
+        assert (sp.layers[n].weight[~r] == 0).all()
+
+@given(data=st.data())
+@settings(**SETTINGS)
+def test_matches_sort_reference(data):
+    "Masks equal a stable sort's, in both contexts, every granularity of Linear, dict targets, round_to, and a second update on the first one's zeros"
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    layers = [nn.Linear(data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40)), bias=False) for _ in range(data.draw(st.integers(1, 3)))]
+    ties = data.draw(st.sampled_from(['none', 'few values', 'zeros']))
+    with torch.no_grad():
+        for l in layers:
+            if ties == 'few values': l.weight.copy_(torch.randint(-2, 3, l.weight.shape).float())
+            elif ties == 'zeros': l.weight[torch.rand_like(l.weight) < 0.5] = 0
+    model = nn.Sequential(*layers)
+    context = data.draw(st.sampled_from(['local', 'global']))
+    g = data.draw(st.sampled_from(['weight', 'row', 'column']))
+    crit = data.draw(st.sampled_from([large_final, random, small_final]))
+    sp = Sparsifier(model, g, context, crit, layer_type=nn.Linear)
+    r = data.draw(st.one_of(st.none(), st.integers(1, 4)))
+    s = data.draw(st.sampled_from([0., 1.]) | st.floats(0, 1))
+    if context == 'local' and data.draw(st.booleans()): s = {n: data.draw(st.floats(0, 1)) for n in sp.layers}
+    _check_update(sp, s, r)
+    s2 = {n: min(1., v + 0.01) for n, v in s.items()} if isinstance(s, dict) else min(1., s + 0.01)
+    _check_update(sp, s2, r)   # just above the zeros the first update left
+
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_matches_sort_reference_large(context):
+    "Large tensors (over the selection's one-kthvalue size): a ramp of updates, each just above the last one's zeros, equals sorting"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1100, 1000, bias=False), nn.Linear(300, 200, bias=False), nn.Linear(64, 3, bias=False))
+    sp = Sparsifier(model, 'weight', context, large_final, layer_type=nn.Linear)
+    for s in [0., 0.3, 0.3001, 0.6, 0.9, 0.9002, 0.9002, 1.]:
+        _check_update(sp, s)
+    _check_update(sp, 0.5, round_to=8)
+    _check_update(Sparsifier(model, 'row', context, random, layer_type=nn.Linear), 0.4)
+
+@pytest.mark.parametrize('kw', [{}, {'hold': 0}, {'small': 0, 'hold': 0, 'sample_size': 64}])
+def test_select_keep_large_paths(kw):
+    "Held as one tensor or one tensor at a time, heavy ties at and around the cut, k at 0, 1, N-1, N: equal to sorting"
+    torch.manual_seed(1)
+    a = torch.randn(600_000).abs(); a[torch.rand(600_000) < 0.7] = 0   # the zeros of masked weights
+    b = torch.randint(0, 20, (500_000,)).float()                       # few distinct values
+    c = torch.randn(40_000)
+    scores = [a, b, c]
+    flat = torch.cat(scores); N = flat.numel(); n_zero = int((flat == 0).sum())
+    fns = [ScoreFn(lambda s=s: s, s.numel()) for s in scores]
+    for k in [0, 1, n_zero - 1, n_zero, n_zero + 1, n_zero + 1000, N // 2, N - 1, N]:
+        got = torch.cat(select_keep(fns, k, **kw))
+        assert torch.equal(got, _lowest(flat, k)), k
