@@ -250,6 +250,17 @@ def test_int8_tolerance_and_kernels():
         assert il.kernel == k and max_rel_error(il(x), ref) < 0.03
     with pytest.raises(ValueError, match=r"kernel='x' is not valid; choose one of \['fbgemm', 'int_mm'\]"): Int8Linear(m[0], 'x')
 
+def test_int8_whole_model_error_warns():
+    "Each layer within int8_tol, the model not: a difference of two nearly equal int8 outputs amplifies their errors"
+    torch.manual_seed(0)
+    w = torch.randn(64)
+    m = nn.Sequential(nn.Linear(64, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.stack([w, w + 0.01*torch.randn(64)])); m[1].weight.copy_(torch.tensor([[1., -1.]]))
+    with pytest.warns(UserWarning, match=r"output error is .*% of its largest output, beyond 2\*int8_tol=0.4"):
+        _,rep = to_sparse_inference(m, torch.randn(16, 64), forms='int8', min_speedup=1e-9, n=1, int8_tol=0.2)
+    assert rep.form.iloc[0] == 'int8' and rep.error.iloc[0] < 0.2
+
 def test_int8_model_saves_and_loads(tmp_path):
     m = _sparse_mlp(0.9)
     all8,_ = to_sparse_inference(m, torch.randn(4, 256), forms='int8', min_speedup=1e-9, n=1, warmup=0)
