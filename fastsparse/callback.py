@@ -117,6 +117,7 @@ class SparsifyCallback(MaskedTraining):
         self._floor = self._keep_zeros() if self._pending is None else None
         self._last = self._counts(self._targets_at(0.))
         self._frac,self._settled,self._rewind,self.history = 0.,False,None,[]
+        self._restart_data,self._data_checked = False,not self.criteria.needs_data
         _logger.info(f"{sp!r}: target {self.targets}, {self.schedule}")
 
     def before_epoch(self):
@@ -130,25 +131,48 @@ class SparsifyCallback(MaskedTraining):
         if self.criteria.needs_act: self._act_hooks = self.sparsifier.track_activations()
 
     def after_train(self):
-        "Stop tracking activations"
-        self.release()
+        "End the epoch (an update if the schedule moved), then stop tracking activations"
+        try: super().after_train()
+        finally: self.release()
 
     def read_grads(self):
-        "Accumulate |w*g| for criteria that need gradients"
-        if self.criteria.needs_grad: self.sparsifier.accumulate_grad()
+        "Accumulate |w*g| for criteria that need gradients (from the first batch after an update on)"
+        if not self.criteria.needs_grad: return
+        sp = self.sparsifier
+        if self._restart_data:  # the data of the last update stays until a new batch brings its own
+            for n in sp.layers: sp.state[n].pop('grad', None)
+            self._restart_data = False
+        sp.accumulate_grad()
+        if not self._data_checked: self._check_data('grad')
+
+    def _check_data(self, key):
+        "After the first batch: every selected layer got the gradients/inputs its criterion scores with"
+        self._data_checked = True
+        st = self.sparsifier.state
+        none = [n for n in self.sparsifier.layers if st[n].get(key) is None]
+        if none:
+            what = 'gradients' if key == 'grad' else 'inputs'
+            raise ValueError(f"criteria {self.criteria.name!r} scores with {what}, but layers {none} got none in the first training "
+                             f"batch (frozen, or not used in forward): leave them out (exclude={none!r}) or choose a criteria "
+                             f"that needs no data, such as 'large_final' or 'movement'")
 
     def resumed_at_epoch(self):
         "The clock holds the progress that the model's zeros show: the schedule runs from 0%, not from them"
         self._floor = None
 
     def on_batch(self):
-        "Update the masks when the schedule's counts change (checked every `update_every` batches and at each epoch's end)"
-        if self._settled: return  # after the schedule's window the masks are final
-        last_of_epoch = self.iter == self.n_iter - 1
-        if self.due() or last_of_epoch:
-            pos = self.pct
-            self._maybe_update(pos)
-            self._settled = pos >= self.schedule.end_pct
+        "Update the masks when the schedule's counts change (checked every `update_every` batches of the clock)"
+        if self.criteria.needs_act and not self._data_checked: self._check_data('_act_sq')
+        if not self._settled and self.due(): self._update_now()
+
+    def on_epoch_end(self):
+        "At the end of each epoch, too (the only check with `update_every='epoch'`)"
+        if not self._settled: self._update_now()
+
+    def _update_now(self):
+        pos = self.pct
+        self._maybe_update(pos)
+        self._settled = pos >= self.schedule.end_pct  # after the schedule's window the masks are final
 
     def finish(self):
         "A fit that ran to its end leaves the final counts (pruning again only when they change); lottery ticket reset"
@@ -235,8 +259,7 @@ class SparsifyCallback(MaskedTraining):
         if self.criteria.needs_act: sp.finish_activations()  # (reduced over processes when distributed)
         elif self.criteria.needs_grad: sp.sync_state()
         sp.sparsify_model(targets, round_to=self.round_to)  # a float, or {layer_name: sparsity}
-        for n in sp.layers:  # data accumulated since the last update has been used
-            sp.state[n].pop('grad', None); sp.state[n].pop('act', None)
+        self._restart_data = True  # gradients accumulate afresh from the next batch (activations do by themselves)
         self._last,self._frac = counts,frac
         self.masks_changed()
         self.mask_opt_state()
