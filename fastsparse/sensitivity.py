@@ -190,6 +190,10 @@ def analyze_sensitivity(learn:Learner, # a (trained) Learner with validation dat
                 sp.masks.clear(); sp.targets[n] = 0.
             values[n].append(v)
             _logger.debug(f"sensitivity: layer {n!r} at {s:g}: {name} = {v:.6g}")
+    if all(v == baseline for vs in values.values() for v in vs):
+        warnings.warn(f"sensitivity: {name} stayed at {baseline:.6g} for every layer at every level, up to "
+                      f"{max(levels):g}: it does not see the pruning, so the result ranks no layer above another (is the "
+                      f"metric computed from the model's output? is `dl` large enough to change it?); try metric='loss'")
     return SensitivityResult(levels, values, baseline, params={n: m.weight.numel() for n,m in sp.layers.items()},
                              metric=name, higher_is_better=higher_is_better, flops=flops,
                              types={n: type(m).__name__ for n,m in sp.layers.items()}, granularity=granularity,
