@@ -10,24 +10,56 @@ from fastcore.basics import store_attr
 from .checks import did_you_mean
 
 # %% auto #0
-__all__ = ['Layout', 'layout_table', 'register_layout', 'get_layout', 'available_granularities', 'granularity_dims',
-           'known_granularities', 'check_granularity', 'group_shape', 'n_groups', 'granularity_table']
+__all__ = ['Layout', 'layout_table', 'register_layout', 'get_layout', 'register_tensor_layouts', 'tensor_layout',
+           'available_granularities', 'granularity_dims', 'known_granularities', 'check_granularity', 'group_shape',
+           'n_groups', 'granularity_table']
 
 # %% ../nbs/00_granularity.ipynb #47632d16
 class Layout:
-    "Where the output, input and spatial dimensions of a module's `weight` are"
+    "Where the output, input and spatial dimensions of a weight tensor are, and how many blocks it packs along its outputs"
     def __init__(self,
                  out_dim:int=0, # dimension indexing outputs (filters/neurons)
                  in_dim:int=1, # dimension indexing inputs (channels/features)
-                 spatial:tuple=()): # kernel dimensions
+                 spatial:tuple=(), # kernel dimensions
+                 blocks:int=None): # None: one plain matrix/kernel; n: n equal blocks stacked along dim 0 (gates, q/k/v)
+        if blocks is not None:
+            if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+                raise ValueError(f"blocks must be None or a positive int, got {blocks!r}")
+            if (out_dim, in_dim, tuple(spatial)) != (0, 1, ()):
+                raise ValueError(f"blocks={blocks} needs a matrix with out_dim=0, in_dim=1 and no spatial dims, "
+                                 f"got out_dim={out_dim}, in_dim={in_dim}, spatial={spatial}")
         store_attr()
-    def __repr__(self): return f"Layout(out_dim={self.out_dim}, in_dim={self.in_dim}, spatial={self.spatial})"
+
+    def __repr__(self):
+        b = '' if self.blocks is None else f", blocks={self.blocks}"
+        return f"Layout(out_dim={self.out_dim}, in_dim={self.in_dim}, spatial={self.spatial}{b})"
+
+    def view_shape(self,
+                   shape:tuple) -> tuple: # the tensor's shape
+        "The shape groups are formed in: the tensor's own, or `(blocks, outputs per block, inputs)` for a packed matrix"
+        shape = tuple(shape)
+        if self.blocks is None: return shape
+        if len(shape) != 2 or shape[0] % self.blocks:
+            raise ValueError(f"a tensor of shape {shape} cannot hold {self.blocks} blocks along dim 0")
+        return (self.blocks, shape[0] // self.blocks, shape[1])
+
+    @property
+    def view_in_dim(self) -> int:
+        "The input dimension in `view_shape`"
+        return self.in_dim if self.blocks is None else 2
+
+    @property
+    def view_out_dim(self) -> int:
+        "The output dimension in `view_shape`"
+        return self.out_dim if self.blocks is None else 1
 
 # %% ../nbs/00_granularity.ipynb #6cabd23f
 def layout_table(lt:Layout) -> dict:
     "Map each granularity name to the weight dimensions it reduces, for a weight with layout `lt`"
     o,i,s = lt.out_dim,lt.in_dim,tuple(lt.spatial)
     srt = lambda *ds: tuple(sorted(set(ds)))
+    if lt.blocks is not None:  # (block, output, input): groups stay inside one block; 'unit' is one output across blocks
+        return {'weight':(), 'vector':(2,), 'row':(2,), 'column':(1,), 'filter':(2,), 'channel':(1,), 'unit':(0,2)}
     if not s:  # a matrix: Linear-like
         return {'weight':(), 'vector':(i,), 'row':(i,), 'column':(o,), 'filter':(i,), 'channel':(o,)}
     last,res = s[-1],{'weight':()}
@@ -63,28 +95,69 @@ def get_layout(m) -> Layout|None:
         if c in _layouts: return _layouts[c]
     return None
 
+# %% ../nbs/00_granularity.ipynb #2f4c7e10
+_RNN_GATES = {'LSTM': 4, 'GRU': 3, 'RNN_TANH': 1, 'RNN_RELU': 1}
+
+def _rnn_layouts(m, pname):
+    "Layouts of an `nn.LSTM`/`GRU`/`RNN`'s weight tensors: ih/hh matrices pack the gates; an LSTM's `weight_hr` does not"
+    if pname.startswith('weight_hr_'): return Layout(0, 1)
+    if pname.startswith(('weight_ih_', 'weight_hh_')): return Layout(blocks=_RNN_GATES.get(m.mode, 1))
+    return None
+
+def _mha_layouts(m, pname):
+    "Layouts of an `nn.MultiheadAttention`'s projection tensors (`in_proj_weight` packs q, k, v)"
+    if pname == 'in_proj_weight': return Layout(blocks=3)
+    if pname in ('q_proj_weight', 'k_proj_weight', 'v_proj_weight'): return Layout(0, 1)
+    return None
+
+def _embedding_layouts(m, pname):
+    "Layout of an embedding's `weight`: `(tokens, dims)`"
+    return Layout(0, 1) if pname == 'weight' else None
+
+_tensor_layouts = {nn.RNNBase: _rnn_layouts, nn.MultiheadAttention: _mha_layouts,
+                   nn.Embedding: _embedding_layouts, nn.EmbeddingBag: _embedding_layouts}
+
+def register_tensor_layouts(module_type:type, # a subclass of `nn.Module`
+                            f): # `f(module, param_name)` -> the `Layout` of that weight tensor, or None
+    "Register how the weight tensors of `module_type` (other than a plain `weight`) are laid out"
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of nn.Module, got {module_type!r}")
+    if not callable(f): raise TypeError(f"f must be callable as f(module, param_name), got {f!r}")
+    _tensor_layouts[module_type] = f
+
+def tensor_layout(m:nn.Module, # the module that holds the tensor
+                  pname:str='weight', # the tensor's name in `m` ('weight', 'weight_hh_l0', 'in_proj_weight', ...)
+                 ) -> Layout|None:
+    "The `Layout` of weight tensor `pname` of module `m`, or None when only `'weight'` granularity applies"
+    for c in type(m).__mro__:
+        if c in _tensor_layouts:
+            lt = _tensor_layouts[c](m, pname)
+            if lt is not None: return lt
+    return get_layout(m) if pname == 'weight' else None
+
 # %% ../nbs/00_granularity.ipynb #cac212da
 def available_granularities(m) -> list:
-    "The granularity names that module (or module type) `m` supports"
-    lt = get_layout(m)
+    "The granularity names that module (or module type) `m` supports for its `weight`, or that a `Layout` (or None) supports"
+    lt = m if isinstance(m, Layout) or m is None else get_layout(m)
     return ['weight'] if lt is None else list(layout_table(lt))
 
-def granularity_dims(m, # a module with a `weight` (or a module type)
-                     granularity:str): # a name from `available_granularities(m)`
-    "The dimensions of `m.weight` that `granularity` reduces: one group per index of the remaining dims"
+def granularity_dims(m, # a module with a `weight`, a module type, or the `Layout` of a tensor (None: no layout)
+                     granularity:str, # a name from `available_granularities(m)`
+                     what:str=None): # how the tensor is named in the error (default: the module type)
+    "The dimensions (of the tensor's `view_shape`) that `granularity` reduces: one group per index of the remaining dims"
     if not isinstance(granularity, str):
         raise TypeError(f"granularity must be a string, got {granularity!r} ({type(granularity).__name__})")
     avail = available_granularities(m)
     if granularity not in avail:
-        name = (m if isinstance(m, type) else type(m)).__name__
+        name = what or ('this tensor' if isinstance(m, Layout) or m is None else (m if isinstance(m, type) else type(m)).__name__)
         raise ValueError(f"granularity={granularity!r} is not available for {name}; choose one of {avail}.{did_you_mean(granularity, avail)}")
-    lt = get_layout(m)
+    lt = m if isinstance(m, Layout) or m is None else get_layout(m)
     return () if lt is None else layout_table(lt)[granularity]
 
 # %% ../nbs/00_granularity.ipynb #e49efcaa
 def known_granularities() -> list:
     "Every granularity name that some registered module type supports"
-    names = {'weight'}
+    names = {'weight'} | set(layout_table(Layout(blocks=1)))
     for lt in _layouts.values(): names |= set(layout_table(lt))
     return sorted(names)
 
@@ -111,8 +184,11 @@ def n_groups(shape:tuple, dims:tuple) -> int:
 # %% ../nbs/00_granularity.ipynb #31261f4c
 def granularity_table() -> pd.DataFrame:
     "DataFrame of reduced weight dimensions for every registered module type and granularity"
+    items = [(t.__name__, lt) for t,lt in _layouts.items()]
+    items += [('Embedding', Layout(0, 1)), ('LSTM/GRU/RNN weight_ih/hh', Layout(blocks=4)),
+              ('MultiheadAttention in_proj', Layout(blocks=3))]
     rows = {}
-    for t,lt in _layouts.items():
-        names = {lt.out_dim:'o', lt.in_dim:'i', **{d:f'k{j}' for j,d in enumerate(lt.spatial)}}
-        rows[t.__name__] = {g:'(' + ','.join(names[d] for d in ds) + ')' for g,ds in layout_table(lt).items()}
+    for name,lt in items:
+        dn = {0:'b', 1:'o', 2:'i'} if lt.blocks else {lt.out_dim:'o', lt.in_dim:'i', **{d:f'k{j}' for j,d in enumerate(lt.spatial)}}
+        rows[name] = {g:'(' + ','.join(dn[d] for d in ds) + ')' for g,ds in layout_table(lt).items()}
     return pd.DataFrame(rows).T.fillna('—')
