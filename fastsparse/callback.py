@@ -118,6 +118,10 @@ class SparsifyCallback(MaskedTraining):
         self._last = self._counts(self._targets_at(0.))
         self._frac,self._settled,self._rewind,self.history = 0.,False,None,[]
         self._restart_data,self._data_checked = False,not self.criteria.needs_data
+        peak = max(float(self.schedule(i / 400)) for i in range(401))
+        if peak < 1 - 1e-9: warnings.warn(
+            f"schedule={self.schedule} reaches at most {peak:.1%} of the way to the target within the fit: the sparsity asked "
+            f"({self.targets}) is never reached; a schedule's function must reach 1 at its window's end (e.g. agp.with_pcts(0, 0.8))")
         _logger.info(f"{sp!r}: target {self.targets}, {self.schedule}")
 
     def before_epoch(self):

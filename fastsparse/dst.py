@@ -18,7 +18,8 @@ from .training import MaskedTraining, opt_states, unwrap_model
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['distributions', 'regrow_methods', 'erk_sparsities', 'random_masks', 'drop_and_grow', 'DynamicSparseCallback']
+__all__ = ['distributions', 'regrow_methods', 'N_UPDATES', 'erk_sparsities', 'random_masks', 'drop_and_grow',
+           'DynamicSparseCallback']
 
 # %% ../nbs/08_dst.ipynb #ef054ee1
 def _layers_of(model_or_layers, layer_type, include, exclude) -> dict:
@@ -147,13 +148,14 @@ def drop_and_grow(mask:Tensor, # bool mask of one weight tensor, True = active (
 
 # %% ../nbs/08_dst.ipynb #852d525a
 regrow_methods = ('rigl', 'set')
+N_UPDATES = 20  # updates over the window when `update_every` is None
 
 class DynamicSparseCallback(MaskedTraining):
     "Train sparse from the first step, moving connections every `update_every` batches (SET or RigL) at constant sparsity"
     def __init__(self,
                  sparsity, # overall target: fraction, percentage in (1, 100], or {layer_name: target}
                  regrow:str='rigl', # 'rigl': regrow where the dense gradient is largest; 'set': at random
-                 update_every:int=100, # batches of the training clock between two connectivity updates
+                 update_every:int=None, # batches of the training clock between two updates; None: about 20 updates over the first `stop_pct` of the fit
                  fraction:float=0.3, # fraction of each layer's active weights moved at the first update, in (0, 1]
                  stop_pct:float=0.75, # no update from this fraction of training on, in (0, 1]
                  distribution:str='uniform', # per-layer allocation of one `sparsity`: 'uniform' or 'erk'
@@ -168,13 +170,14 @@ class DynamicSparseCallback(MaskedTraining):
         regrow = check_choice(regrow, regrow_methods, 'regrow')
         distribution = check_choice(distribution, distributions, 'distribution')
         if isinstance(sparsity, dict) and distribution != 'uniform': _layer_targets({}, sparsity, distribution)
-        if update_every == 'epoch': raise ValueError("update_every='epoch' is not available here: give a positive integer (batches)")
+        if update_every == 'epoch': raise ValueError("update_every='epoch' is not available here: give a positive integer (batches) or None")
         fraction,stop_pct = check_unit(fraction, 'fraction'),check_unit(stop_pct, 'stop_pct')
         check_layer_type(layer_type)
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an integer, got {seed!r}")
-        super().__init__(update_every)
+        super().__init__(1 if update_every is None else update_every)
+        self.update_every = update_every
         store_attr('sparsity,regrow,fraction,stop_pct,distribution,layer_type,include,exclude,seed')
-        self.history = []
+        self.history,self.every = [],None
 
     def _init_state(self):
         super()._init_state(); self._model,self._last_masks,self._grown = None,None,{}
@@ -197,6 +200,7 @@ class DynamicSparseCallback(MaskedTraining):
         keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names
         sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed))
         self._model,self._last_masks,self._grads,self._grown,self.history = model,sp.masks,None,{},[]
+        self.every = None   # the update interval of this fit, fixed when its length is known (`before_train`)
 
     def fraction_at(self,
                     step:int, # training batches done, counting the current one (the callback's clock)
@@ -206,9 +210,20 @@ class DynamicSparseCallback(MaskedTraining):
         T = self.stop_pct * total
         return 0. if step >= T else self.fraction * (1 + math.cos(math.pi * step / T)) / 2
 
+    def before_train(self):
+        "At the first epoch of a fit, fix the update interval (`update_every`, or about 20 updates over the window)"
+        super().before_train()
+        if self.every is not None: return
+        window = self.stop_pct * self.total
+        self.every = max(1, round(window / N_UPDATES)) if self.update_every is None else self.update_every
+        if self.every >= window: warnings.warn(
+            f"update_every={self.update_every} is not shorter than the window of updates ({window:g} of the fit's {self.total} "
+            f"training batches: stop_pct={self.stop_pct}): no connection moves in this fit, which trains a fixed random mask. "
+            f"Leave update_every=None ({N_UPDATES} updates over the window) or give fewer batches")
+
     def is_update(self, clock:int) -> bool:
         "Whether batch `clock` of the training clock is an update batch"
-        return clock % self.update_every == 0 and clock < self.stop_pct * self.total
+        return self.every is not None and clock % self.every == 0 and clock < self.stop_pct * self.total
 
     def read_grads(self):
         "Before an update batch with RigL, keep the dense gradients (the base then masks them)"
