@@ -180,8 +180,6 @@ class Sparsifier:
         if name in self.masks and self.masks[name].shape == mask.shape: self.masks[name].data = mask
         else: self.masks[name] = mask
 
-    # the names `fastsparse.callback` calls
-    _set_masks,_store_mask,_wname,_layer_scores = set_masks,store_mask,weight_name,layer_scores
 
     def _after_update(self):
         "After new masks: take rank 0's, count the update, snapshot for updating criteria, zero the weights"
