@@ -12,8 +12,8 @@ from .granularity import get_layout
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['batch_inputs', 'dist_active', 'sync_state', 'broadcast_masks', 'input_feature_dim', 'activation_hook',
-           'track_activations', 'finish_activations', 'batch_loss', 'accumulate_grad', 'calibrate']
+__all__ = ['batch_inputs', 'dist_active', 'sync_state', 'broadcast_masks', 'input_feature_dim', 'activation_source',
+           'activation_hook', 'track_activations', 'finish_activations', 'batch_loss', 'accumulate_grad', 'calibrate']
 
 # %% ../nbs/03c_calibrate.ipynb #09ecf057
 def batch_inputs(b, # a batch: a tensor, an (x, y, ...) tuple or list, or a dict of model kwargs
@@ -66,23 +66,50 @@ def input_feature_dim(m:nn.Module, # a selected layer
     lt = get_layout(m)
     return x.dim() - 1 if isinstance(m, (nn.Linear, nn.Bilinear)) or lt is None or not lt.spatial else 1
 
+def _arg(args, kwargs, i, name):
+    "Positional argument `i` or keyword `name` of a forward call"
+    return args[i] if len(args) > i else kwargs[name]
+
+def _seq(x):
+    "The tensor of a recurrent layer's input (a `PackedSequence` holds it in `.data`)"
+    return x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+
+def activation_source(t, # a `WeightTensor` (see `fastsparse.tensors`)
+                     ): # `(module, read)`, with `read(args, kwargs)` -> [(input, feature dim)] per block; or None
+    "Where the input that meets weight tensor `t` can be observed: a module to hook and how to read it, or None"
+    m,p = t.module,t.pname
+    if isinstance(m, nn.MultiheadAttention):
+        qkv = {'q_proj_weight': [(0, 'query')], 'k_proj_weight': [(1, 'key')], 'v_proj_weight': [(2, 'value')],
+               'in_proj_weight': [(0, 'query'), (1, 'key'), (2, 'value')]}.get(p)
+        return None if qkv is None else (m, lambda a, k: [(_arg(a, k, i, nm), -1) for i,nm in qkv])
+    if isinstance(m, nn.RNNBase):
+        if p not in ('weight_ih_l0', 'weight_ih_l0_reverse'): return None
+        return m, lambda a, k: [(_seq(_arg(a, k, 0, 'input')), -1)]
+    if isinstance(t.parent, nn.MultiheadAttention) and m is t.parent.out_proj: return None  # used inside attention's forward
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or p != 'weight' or t.owner is not m: return None
+    return m, lambda a, k: [(a[0], input_feature_dim(m, a[0]))]
+
 def activation_hook(sp, # the sparsifier (its `state` receives the sums)
-                    n:str, # name of the layer the hook goes on
-                   ): # a forward hook `hook(module, inputs, output)`
-    "A forward hook adding the squared input features of layer `n` to `sp.state[n]['_act_sq']`"
+                    n:str, # key of the tensor the sums are for
+                    read=None, # `read(args, kwargs)` from `activation_source`; None: the module's first input
+                   ): # a forward hook `hook(module, args, kwargs, output)` (register it `with_kwargs=True`)
+    "A forward hook adding the squared input features that meet tensor `n` to `sp.state[n]['_act_sq']` (one row per block)"
     @torch.no_grad()
-    def hook(m, inp, out):
-        x = inp[0].detach()
-        d = input_feature_dim(m, x)
-        sq = x.float().pow(2).sum(dim=[i for i in range(x.dim()) if i != d])
+    def hook(m, args, kwargs, out):
+        xs = read(args, kwargs) if read is not None else [(args[0], input_feature_dim(m, args[0]))]
+        sq = torch.stack([x.detach().float().pow(2).sum(dim=[i for i in range(x.dim()) if i != d % x.dim()]) for x,d in xs])
         st = sp.state[n]
         st['_act_sq'] = sq if st.get('_act_sq') is None else st['_act_sq'] + sq
     return hook
 
 def track_activations(sp, # the sparsifier
                      ) -> list: # the hook handles: remove them when done
-    "Register forward hooks accumulating input-feature norms (`wanda`) on every selected layer"
-    return [m.register_forward_hook(activation_hook(sp, n)) for n,m in sp.layers.items()]
+    "Register forward hooks accumulating input-feature norms (`wanda`) for every selected tensor whose input is observable"
+    hooks = []
+    for n,t in sp.tensors.items():
+        src = activation_source(t)
+        if src is not None: hooks.append(src[0].register_forward_hook(activation_hook(sp, n, src[1]), with_kwargs=True))
+    return hooks
 
 def _sync(sp):
     "Reduce the accumulated data over processes with the sparsifier's own `sync_state` if it has one"
@@ -92,13 +119,15 @@ def finish_activations(sp, # the sparsifier
                       ):
     "Turn the accumulated squares into the `'act'` state (norms shaped to broadcast against each weight), reduced over processes"
     _sync(sp)
-    for n,m in sp.layers.items():
+    for n,t in sp.tensors.items():
         sq = sp.state[n].pop('_act_sq', None)
         if sq is None: continue
-        lt = get_layout(m)
-        shape = [1]*m.weight.dim()
-        shape[lt.in_dim if lt is not None else -1] = -1
-        sp.state[n]['act'] = sq.sqrt().view(shape).to(m.weight.device)
+        lt,w = t.layout,t.weight
+        if lt is not None and lt.blocks is not None: shape = [sq.shape[0], 1, -1]  # (blocks or 1, 1, in): q/k/v inputs apart
+        else:
+            shape = [1]*w.dim()
+            shape[lt.in_dim if lt is not None else -1] = -1
+        sp.state[n]['act'] = sq.sqrt().view(shape).to(w.device)
 
 # %% ../nbs/03c_calibrate.ipynb #fc45d9ab
 def batch_loss(sp, # the sparsifier (its `loss_func` and `criteria`)
@@ -131,6 +160,8 @@ def calibrate(sp, # the sparsifier
     "Accumulate the gradients (`taylor`) or activation norms (`wanda`) that `sp.criteria` needs from `data`; returns `sp`"
     c,model = sp.criteria,sp.model
     if not c.needs_data: return sp
+    # with autograd on, attention runs its forward (and its hooks), not the fused inference path of an encoder layer
+    attn = any(isinstance(t.module, nn.MultiheadAttention) for t in sp.tensors.values())
     was_training = model.training
     params = [p for p in model.parameters()]
     saved = [None if p.grad is None else p.grad.clone() for p in params]
@@ -148,7 +179,7 @@ def calibrate(sp, # the sparsifier
                     batch_loss(sp, out, y).backward()
                 accumulate_grad(sp)
             else:
-                with torch.no_grad(): model(*args, **kw)
+                with torch.set_grad_enabled(attn): model(*args, **kw)
             n_batches += 1
     finally:
         for h in hooks: h.remove()

@@ -15,9 +15,9 @@ from .checks import as_fraction, check_round_to, check_layer_type, check_choice,
 from .criteria import get_criteria, large_final
 from .schedule import get_schedule, agp
 from .nm import parse_nm
-from .granularity import group_shape, check_granularity
+from .granularity import check_granularity
 from .sparsifier import Sparsifier
-from .tensors import weight_name
+from .tensors import model_tensors
 from .training import MaskedTraining, unwrap_model
 
 _logger = logging.getLogger(__name__)
@@ -45,11 +45,11 @@ class FixedSparsityCallback(MaskedTraining):
             if tuple(m.shape) != tuple(params[name].shape):
                 raise ValueError(f"masks[{k!r}] has shape {tuple(m.shape)} but {name} has shape {tuple(params[name].shape)}")
             masks[name] = m.to(device=params[name].device, dtype=torch.bool)
-        layers = sorted({n.rpartition('.')[0] for n in masks if n.endswith('weight')})
-        self.sparsifier = Sparsifier(model, layer_type=None, include=layers)
+        weights = {t.name for t in model_tensors(model)}
+        self.sparsifier = Sparsifier(model, layer_type=None, params=[n for n in masks if n in weights])
         self.sparsifier.masks.update(masks)
         for n in self.sparsifier.layers:
-            m = masks.get(weight_name(n))
+            m = masks.get(self.sparsifier.weight_name(n))
             if m is not None: self.sparsifier.targets[n] = 1 - m.float().mean().item()
 
 # %% ../nbs/05b_callback.ipynb #d5708b4d
@@ -63,6 +63,7 @@ class SparsifyCallback(MaskedTraining):
                  schedule=agp, # a `Schedule` or its name
                  nm=False, # False, True (2:4) or (n, m)
                  layer_type=nn.Conv2d, # class or tuple of classes to sparsify (ignored when `sparsity` is a dict)
+                 params=None, # tensor names or glob patterns ('rnn.weight_hh_*'); when given, they choose the tensors
                  round_to:int=None, # keep a multiple of this many groups per layer
                  lth:bool=False, # lottery ticket: rewind the remaining weights after each pruning step
                  rewind_epoch:int=0, # epoch whose starting weights (and BatchNorm statistics) are rewound to
@@ -84,7 +85,7 @@ class SparsifyCallback(MaskedTraining):
         rewind_epoch = check_number(rewind_epoch, 'rewind_epoch', lo=0, integer=True)
         if (reset_end or save_tickets) and not lth: raise ValueError("reset_end and save_tickets need lth=True")
         super().__init__(update_every)
-        store_attr('granularity,context,criteria,schedule,nm,layer_type,round_to,lth,rewind_epoch,reset_end,save_tickets,'
+        store_attr('granularity,context,criteria,schedule,nm,layer_type,params,round_to,lth,rewind_epoch,reset_end,save_tickets,'
                    'include,exclude,seed')
         self._floor,self._frac,self.history = None,0.,[]
 
@@ -103,15 +104,15 @@ class SparsifyCallback(MaskedTraining):
     def setup(self):
         "Build the `Sparsifier` (layer errors come here, before a weight is touched); a sparse model starts at its sparsity"
         model = unwrap_model(self.learn.model)
-        if isinstance(self.targets, dict): lt,inc = None,list(self.targets)
-        else: lt,inc = self.layer_type,self.include
-        self.sparsifier = sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.nm, lt, include=inc,
+        if isinstance(self.targets, dict): lt,prm,inc = None,None,list(self.targets)
+        else: lt,prm,inc = self.layer_type,self.params,self.include
+        self.sparsifier = sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.nm, lt, params=prm, include=inc,
                                           exclude=self.exclude, loss_func=getattr(self.learn, 'loss_func', None), seed=self.seed)
         sched_start = self.schedule.start_pct * self.n_epoch
         if self.lth and self.rewind_epoch > sched_start:
             raise ValueError(f"rewind_epoch={self.rewind_epoch} comes after the schedule starts (epoch {sched_start:g} of "
                              f"{self.n_epoch}); rewind to an epoch at or before the first pruning step")
-        self._groups = {n: math.prod(group_shape(m.weight.shape, sp.dims[n])) for n,m in sp.layers.items()}
+        self._groups = {n: sp.n_groups(n) for n in sp.layers}
         # a sparse model (a second fit, a sparse checkpoint, pruned before) starts where it is: its zeros stay masked and
         # the schedule runs from there to the target. A resumed fit takes its start from the checkpoint instead
         self._floor = self._keep_zeros() if self._pending is None else None
@@ -215,7 +216,7 @@ class SparsifyCallback(MaskedTraining):
         if sp.nm is not None: return None
         zero = {}
         for n,m in sp.layers.items():
-            nz = m.weight.detach() != 0
+            nz = sp.view(n, m.weight.detach()) != 0
             if sp.dims[n]: nz = nz.any(dim=sp.dims[n], keepdim=True)
             zero[n] = ~nz.reshape(-1)
             if zero[n].all(): zero[n].zero_()  # a layer that is all zeros was initialized so (zero-init), not pruned

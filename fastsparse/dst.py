@@ -160,6 +160,7 @@ class DynamicSparseCallback(MaskedTraining):
                  stop_pct:float=0.75, # no update from this fraction of training on, in (0, 1]
                  distribution:str='uniform', # per-layer allocation of one `sparsity`: 'uniform' or 'erk'
                  layer_type=(nn.Conv2d, nn.Linear), # class or tuple of classes to sparsify (ignored for a dict)
+                 params=None, # tensor names or glob patterns ('rnn.weight_hh_*'); when given, they choose the tensors
                  include=None, # layer names or glob patterns to choose from
                  exclude=None, # layer names or glob patterns to keep dense
                  seed:int=0): # seed of the initial masks and of every random choice (the same on every process)
@@ -176,7 +177,7 @@ class DynamicSparseCallback(MaskedTraining):
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an integer, got {seed!r}")
         super().__init__(1 if update_every is None else update_every)
         self.update_every = update_every
-        store_attr('sparsity,regrow,fraction,stop_pct,distribution,layer_type,include,exclude,seed')
+        store_attr('sparsity,regrow,fraction,stop_pct,distribution,layer_type,params,include,exclude,seed')
         self.history,self.every = [],None
 
     def _init_state(self):
@@ -193,12 +194,13 @@ class DynamicSparseCallback(MaskedTraining):
         model = unwrap_model(self.learn.model)
         d = isinstance(self.sparsity, dict)
         self.sparsifier = sp = Sparsifier(model, 'weight', 'local', layer_type=None if d else self.layer_type,
-                                          include=list(self.sparsity) if d else self.include, exclude=self.exclude, seed=self.seed)
+                                          params=None if d else self.params, include=list(self.sparsity) if d else self.include,
+                                          exclude=self.exclude, seed=self.seed)
         targets = _layer_targets(sp.layers, self.sparsity, self.distribution)
         sp.targets.update(targets)
-        names = [weight_name(n) for n in sp.layers]
+        names = [sp.weight_name(n) for n in sp.layers]
         keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names
-        sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed))
+        sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed, sp.weight_name))
         self._model,self._last_masks,self._grads,self._grown,self.history = model,sp.masks,None,{},[]
         self.every = None   # the update interval of this fit, fixed when its length is known (`before_train`)
 
@@ -254,7 +256,7 @@ class DynamicSparseCallback(MaskedTraining):
         opt = getattr(self.learn, 'opt', None)
         moved,again,before = {},0,0
         for n,m in self.sparsifier.layers.items():
-            key = weight_name(n); mask = self.masks[key]
+            key = self.sparsifier.weight_name(n); mask = self.masks[key]
             k = round(f * int(mask.sum()))
             scores = None if self.regrow == 'set' else (self._grads or {}).get(n)
             if self.regrow == 'rigl' and scores is None and k:
@@ -306,7 +308,7 @@ class DynamicSparseCallback(MaskedTraining):
         return fig
 
 # %% ../nbs/08_dst.ipynb #220d553a
-def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
+def _initial_masks(layers:dict, targets:dict, seed:int, wname=weight_name) -> dict:
     "First masks: a layer's own zeros when it has at least its target count of them, random positions otherwise"
     g,masks,drawn,kept = _gen(seed, 0),{},[],[]
     for n,m in layers.items():
@@ -317,7 +319,7 @@ def _initial_masks(layers:dict, targets:dict, seed:int) -> dict:
             keep[torch.sort(w.abs(), stable=True).indices[:k]] = False  # the zeros first, by index
             kept.append(n)
         else: keep = _random_keep(w.numel(), k, g, w.device); drawn.append(n)
-        masks[weight_name(n)] = keep.view_as(m.weight)
+        masks[wname(n)] = keep.view_as(m.weight)
     if kept and any(round(targets[n] * layers[n].weight.numel()) for n in drawn):
         warnings.warn(f"layers {kept} keep their zeros as masks, but {drawn} have fewer exact zeros than their "
                       f"targets: their masks are drawn at random, which zeros trained weights")

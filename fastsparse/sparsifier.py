@@ -4,18 +4,18 @@
 
 # %% ../nbs/04_sparsifier.ipynb #7d92e07e
 from __future__ import annotations
-import warnings, logging, zlib
+import warnings, logging, zlib, math
 import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
 from fastcore.basics import store_attr
 from .checks import as_fraction, check_choice, check_round_to
 from .granularity import granularity_dims, group_shape, get_layout
-from .criteria import get_criteria, large_final
+from .criteria import get_criteria, large_final, available_criteria
 from .nm import parse_nm, nm_mask_gradual
 from .select import select_keep, ScoreFn, round_keep
-from .tensors import select_layers, find_bn_after, resolve_layer, weight_name
-from .calibrate import (calibrate, accumulate_grad, track_activations, finish_activations, dist_active,
+from .tensors import select_tensors, find_bn_after, resolve_layer, weight_name, match_name
+from .calibrate import (calibrate, activation_source, accumulate_grad, track_activations, finish_activations, dist_active,
                                   sync_state, broadcast_masks)
 
 _logger = logging.getLogger(__name__)
@@ -27,17 +27,18 @@ __all__ = ['Sparsifier']
 
 # %% ../nbs/04_sparsifier.ipynb #e08fe1be
 class Sparsifier:
-    "Compute and apply boolean masks on the selected layers of `model`"
+    "Compute and apply boolean masks on the selected weight tensors of `model`"
     def __init__(self,
                  model:nn.Module, # the model to sparsify (masks are applied to it in place)
                  granularity:str='weight', # which weights form a group (see `fastsparse.granularity`)
                  context:str='local', # 'local': every layer to its own sparsity; 'global': one threshold over all
                  criteria=large_final, # a `Criteria` or its registered name (see `fastsparse.criteria`)
                  nm=False, # False, True (2:4) or (n, m): keep n of every m weights along the input dim
-                 layer_type=nn.Conv2d, # class or tuple of classes to select; None: every module with a weight
+                 layer_type=nn.Conv2d, # class or tuple of classes: every weight tensor of their modules; None: all
+                 params=None, # tensor names or glob patterns ('rnn.weight_hh_*'); when given, they choose the tensors
                  data=None, # batches for data-dependent criteria: tensors, (x, y) tuples or dicts of kwargs
-                 include=None, # layer names or glob patterns to select from
-                 exclude=None, # layer names or glob patterns to keep dense
+                 include=None, # module or tensor names or glob patterns to select from
+                 exclude=None, # module or tensor names or glob patterns to keep dense
                  loss_func=None, # loss for gradient criteria (`taylor`); default cross-entropy on (x, y) batches
                  zero_bn:bool=True, # with 'filter' granularity, also zero the following BatchNorm's gamma/beta
                  seed:int=0): # seed for random criteria (same seed, same masks on every process)
@@ -49,48 +50,74 @@ class Sparsifier:
         if nm is not None and context == 'global':
             raise ValueError(f"nm={nm} is a per-layer pattern; use context='local' (got context='global')")
         if loss_func is not None and not callable(loss_func): raise TypeError(f"loss_func must be callable, got {loss_func!r}")
-        layers = select_layers(model, layer_type, include, exclude)
+        tensors = select_tensors(model, layer_type, params, include, exclude)
         dims = {}
-        for n,m in layers.items():
-            try: dims[n] = granularity_dims(m, granularity)
-            except ValueError as e: raise ValueError(f"layer {n!r} ({type(m).__name__}): {e}") from None
+        for n,t in tensors.items():
+            try: dims[n] = granularity_dims(t.layout, granularity, t.kind)
+            except ValueError as e: raise ValueError(f"layer {n!r} ({t.kind}): {e}") from None
+        if criteria.needs_act:
+            blind = [f"{t.name!r} ({t.kind})" for t in tensors.values() if activation_source(t) is None]
+            if blind:
+                ok = [c for c in available_criteria() if not get_criteria(c).needs_act]
+                raise ValueError(f"criteria={criteria.name!r} weighs each weight by its input, which cannot be observed for "
+                                 f"{', '.join(blind)}; for these tensors choose one of {ok}, or leave them out (exclude=)")
         store_attr('model,granularity,context,criteria,nm,loss_func,zero_bn,seed')
-        self.layers,self.dims = layers,dims
+        self.tensors,self.dims = tensors,dims
+        layers = self.layers = {n: (t.module if n == t.module_name else t) for n,t in tensors.items()}
         self.masks = {}     # tensor name -> bool mask (same shape as the tensor)
         self.targets = {n: 0. for n in layers}
-        self.notes = {n: '' for n in layers}
+        self.notes = {n: (f"tied: also {', '.join(t.aliases)}" if t.aliases else '') for n,t in tensors.items()}
         self.state = {n: {} for n in layers}
         self.n_updates = 0
         self._nm_dims = {}
         if nm is not None:
-            for n,m in layers.items():
-                lt = get_layout(m)
-                if lt is None or m.weight.shape[lt.in_dim] % nm[1]:
-                    size = None if lt is None else m.weight.shape[lt.in_dim]
+            for n,t in tensors.items():
+                lt = t.layout
+                size = None if lt is None else t.weight.shape[lt.in_dim]
+                if lt is None or size % nm[1]:
                     self.notes[n] = f"dense: input dim {size} not divisible by {nm[1]} (N:M {nm[0]}:{nm[1]})"
-                    warnings.warn(f"layer {n!r} ({type(m).__name__}) cannot take the {nm[0]}:{nm[1]} pattern: "
+                    warnings.warn(f"layer {n!r} ({t.kind}) cannot take the {nm[0]}:{nm[1]} pattern: "
                                   f"its input dimension ({size}) is not divisible by {nm[1]}; it stays dense")
-                else: self._nm_dims[n] = lt.in_dim
+                else: self._nm_dims[n] = lt.view_in_dim
         self.bn = find_bn_after(model, layers) if (zero_bn and granularity == 'filter') else {}
         if criteria.needs_init: self.snapshot('init')
         if criteria.needs_update: self.snapshot('prev')
         if data is not None: self.calibrate(data)
 
     def __repr__(self):
-        "The number of layers and the options"
-        return (f"Sparsifier({len(self.layers)} layers, granularity={self.granularity!r}, context={self.context!r}, "
+        "The number of tensors and the options"
+        return (f"Sparsifier({len(self.tensors)} tensors, granularity={self.granularity!r}, context={self.context!r}, "
                 f"criteria={self.criteria.name}, nm={self.nm})")
 
     def snapshot(self,
                  key:str='init'): # the state key: 'init' (initial weights) or 'prev' (at the last update)
         "Store a copy of every selected weight under `state[name][key]` (only for criteria that need it)"
-        for n,m in self.layers.items(): self.state[n][key] = m.weight.detach().clone()
+        for n,t in self.tensors.items(): self.state[n][key] = t.weight.detach().clone()
 
     def weight_name(self,
-                    n:str, # a selected layer's name
+                    n:str, # a selected tensor's key (`sp.tensors`)
                    ) -> str:
-        "The qualified name of layer `n`'s weight, the key of its mask"
-        return weight_name(n)
+        "The qualified name of selected tensor `n`, the key of its mask"
+        t = self.tensors.get(n)
+        return weight_name(n) if t is None else t.name
+
+    def view(self,
+             n:str, # a selected tensor's key
+             x:Tensor, # the tensor, or anything of its shape (scores, masks, state)
+            ) -> Tensor:
+        "`x` in the shape that tensor `n`'s groups are formed in: `(blocks, out, in)` for packed gates or q/k/v"
+        return self.tensors[n].view(x)
+
+    def n_groups(self,
+                 n:str, # a selected tensor's key
+                ) -> int:
+        "How many groups of the granularity tensor `n` has"
+        return math.prod(group_shape(self.view(n, self.tensors[n].weight).shape, self.dims[n]))
+
+    def _state(self, n) -> dict:
+        "Tensor `n`'s criteria state in its group view, with its random seed"
+        st = {k: (self.view(n, v) if k in ('init', 'prev', 'grad') and isinstance(v, Tensor) else v) for k,v in self.state[n].items()}
+        return dict(st, seed=self._layer_seed(n))
 
     # --- data for the criteria (see `fastsparse.calibrate`)
     def calibrate(self,
@@ -129,9 +156,9 @@ class Sparsifier:
                      n:str, # a selected layer's name
                     ) -> tuple:
         "Layer `n`'s 1-D float32 group scores as a `ScoreFn`, and a sampler of them for `select_keep` (or None)"
-        m,dims = self.layers[n],self.dims[n]
-        st = dict(self.state[n], seed=self._layer_seed(n))
-        w = m.weight
+        dims = self.dims[n]
+        st = self._state(n)
+        w = self.view(n, self.tensors[n].weight)
         numel = 1
         for d in group_shape(w.shape, dims): numel *= d
         c = self.criteria
@@ -160,11 +187,12 @@ class Sparsifier:
                   n:str, # a selected layer's name
                   keep_groups:Tensor): # bool keep-flag per group of the layer's granularity (any shape with that many)
         "Expand group keep-flags of layer `n` to a full mask, store it (keeping tensor identity) and zero BN after pruned filters"
-        m,dims = self.layers[n],self.dims[n]
-        gs = group_shape(m.weight.shape, dims)
-        mask = keep_groups.to(m.weight.device).view(gs).expand(m.weight.shape)
+        dims,w = self.dims[n],self.tensors[n].weight
+        vs = self.view(n, w).shape
+        mask = keep_groups.to(w.device).view(group_shape(vs, dims)).expand(vs).reshape(w.shape)
         self.store_mask(self.weight_name(n), mask)
         if n in self.bn:
+            m = self.layers[n]
             bn = self.model.get_submodule(self.bn[n])
             lt = get_layout(m)
             red = tuple(d for d in range(m.weight.dim()) if d != lt.out_dim)
@@ -189,18 +217,29 @@ class Sparsifier:
         self.apply_masks()
 
     def _layer_name(self, m) -> str:
-        "The name of the selected layer `m` (a module or a name), or an error suggesting close names"
+        "The key of the selected tensor `m` (a module or a key), or an error suggesting close names"
         return resolve_layer(self.layers, m)
+
+    def resolve(self,
+                m, # a tensor's key or qualified name, a module's name or glob pattern, or a module
+               ) -> list:
+        "The keys of the selected tensors that `m` names: itself, or every selected tensor of a module"
+        if isinstance(m, str) and m in self.tensors: return [m]
+        if isinstance(m, str):
+            hits = [n for n,t in self.tensors.items() if match_name(t.name, [m]) or match_name(t.module_name, [m])
+                    or match_name(t.owner_name, [m]) or any(match_name(a, [m]) for a in t.aliases)]
+        else: hits = [n for n,t in self.tensors.items() if m is t.module or m is t.owner or m is self.layers[n]]
+        return hits or [resolve_layer(self.layers, m)]  # none: the error that lists the selected ones
 
     def _nm_layer(self, n, s):
         "Mask layer `n` to sparsity `s` with its N:M pattern (gradually: the share of groups at n:m grows with `s`)"
         nn_,mm = self.nm
         top = 1 - nn_/mm
         if s > top + 1e-9: raise ValueError(f"sparsity={s} exceeds what nm={self.nm} can reach ({top}); ask for at most {top}")
-        m = self.layers[n]
-        scores = self.criteria(m.weight, dict(self.state[n], seed=self._layer_seed(n)))
+        w = self.tensors[n].weight
+        scores = self.criteria(self.view(n, w), self._state(n))
         frac = min(1., s/top) if top > 0 else 0.
-        self.store_mask(self.weight_name(n), nm_mask_gradual(scores, nn_, mm, self._nm_dims[n], frac))
+        self.store_mask(self.weight_name(n), nm_mask_gradual(scores, nn_, mm, self._nm_dims[n], frac).reshape(w.shape))
 
     # --- sparsifying
     @torch.no_grad()
@@ -209,8 +248,13 @@ class Sparsifier:
                        sparsity, # fraction in [0, 1] or percentage in (1, 100]
                        round_to:int=None, # keep a multiple of this many groups
                        _apply=True): # then broadcast, count and apply the masks (False: the caller does it once for all layers)
-        "Mask exactly round(sparsity * groups) groups of layer `m` (its lowest scores), then apply the masks"
-        n = self._layer_name(m)
+        "Mask exactly round(sparsity * groups) groups of tensor `m` (its lowest scores), then apply the masks"
+        keys = self.resolve(m)
+        if len(keys) > 1:  # a module: each of its selected tensors to that sparsity
+            for n in keys: self.sparsify_layer(n, sparsity, round_to, _apply=False)
+            if _apply: self._after_update()
+            return self
+        n = keys[0]
         s = as_fraction(sparsity)
         round_to = check_round_to(round_to)
         self._check_data([n])
@@ -235,7 +279,7 @@ class Sparsifier:
             if self.context == 'global':
                 raise ValueError("a per-layer sparsity dict needs context='local' (got context='global'); "
                                  "give one number for a global threshold")
-            targets = {self._layer_name(k): as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items()}
+            targets = {n: as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items() for n in self.resolve(k)}
             self._check_data(list(targets))
             for n,s in targets.items(): self.sparsify_layer(n, s, round_to, _apply=False)
             self._after_update(); return self
@@ -276,22 +320,26 @@ class Sparsifier:
                 mc = m[st:st+_APPLY_CHUNK]
                 bb = b[:mc.numel()].copy_(mc).neg_()   # True -> -1 (every bit set), False -> 0
                 bits[st:st+mc.numel()].bitwise_and_(bb)
+        for n,t in self.tensors.items():  # a weight recomputed from this one at each forward (WeightDropout): masked now too
+            mask = self.masks.get(t.name)
+            u = None if (t.used is None or mask is None) else getattr(*t.used, None)
+            if isinstance(u, Tensor) and u.shape == mask.shape: u.data.masked_fill_(torch.logical_not(mask.to(u.device)), 0.)
         return self
 
     # --- reporting and saving
     def sparsity_report(self) -> pd.DataFrame:
-        "Per selected layer: type, params, zeros, target and achieved sparsity (masked fraction), granularity and notes"
+        "Per selected tensor: key, module type, params, zeros, target and achieved sparsity, granularity, notes, tensor name"
         rows = []
-        for n,m in self.layers.items():
-            w = m.weight
-            mask = self.masks.get(self.weight_name(n))
+        for n,t in self.tensors.items():
+            w = t.weight
+            mask = self.masks.get(t.name)
             achieved = 0. if mask is None else 1 - mask.float().mean().item()
-            rows.append(dict(layer=n, type=type(m).__name__, params=w.numel(), zeros=int((w == 0).sum()),
-                             target=self.targets[n], achieved=achieved, granularity=self.granularity, note=self.notes[n]))
+            rows.append(dict(layer=n, type=t.kind, params=w.numel(), zeros=int((w == 0).sum()), target=self.targets[n],
+                             achieved=achieved, granularity=self.granularity, note=self.notes[n], tensor=t.name))
         df = pd.DataFrame(rows)
         tot = dict(layer='total', type='', params=int(df.params.sum()), zeros=int(df.zeros.sum()),
                    target=float((df.target*df.params).sum()/df.params.sum()),
-                   achieved=float((df.achieved*df.params).sum()/df.params.sum()), granularity=self.granularity, note='')
+                   achieved=float((df.achieved*df.params).sum()/df.params.sum()), granularity=self.granularity, note='', tensor='')
         return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
 
     def state_dict(self) -> dict:

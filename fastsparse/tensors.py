@@ -70,7 +70,8 @@ class WeightTensor:
                  aliases:tuple=(), # other qualified names of the same parameter (tied weights)
                  alias_modules:tuple=(), # `(module name, module)` of each alias
                  used:tuple=None, # (module, attribute) of a tensor recomputed from this one at each forward, or None
-                 owner_name:str=None): # qualified name of `owner` (default: `module_name`)
+                 owner_name:str=None, # qualified name of `owner` (default: `module_name`)
+                 parent:nn.Module=None): # the module that holds `module` (None for the model itself)
         store_attr()
         self.owner_name = module_name if owner_name is None else owner_name
         self.layout = tensor_layout(module, pname)
@@ -113,8 +114,9 @@ def _is_weight_dropout(m) -> bool:
 def model_tensors(model:nn.Module, # the model to search
                  ) -> list: # a `WeightTensor` per weight parameter
     "Every weight tensor of `model`, once per parameter (tied ones with aliases), fastai's `WeightDropout` raw weights included"
-    res,seen = [],{}
+    res,seen,mods = [],{},dict(model.named_modules())
     for mn,m in model.named_modules():
+        parent = mods[mn.rpartition('.')[0]] if mn else None
         wd = _is_weight_dropout(m)
         raw = {f'{l}_raw': l for l in m.layer_names} if wd else {}
         for pn in _weight_pnames(m) + [a for a in raw if a not in _weight_pnames(m)]:
@@ -124,8 +126,8 @@ def model_tensors(model:nn.Module, # the model to search
                 t = seen[id(p)]; t.aliases,t.alias_modules = t.aliases + (name,),t.alias_modules + ((mn, m),); continue
             if pn in raw:
                 inner = m.module; iname = f"{mn}.module" if mn else 'module'
-                t = WeightTensor(name, iname, inner, raw[pn], m, pn, used=(inner, raw[pn]), owner_name=mn)
-            else: t = WeightTensor(name, mn, m, pn, m, pn)
+                t = WeightTensor(name, iname, inner, raw[pn], m, pn, used=(inner, raw[pn]), owner_name=mn, parent=m)
+            else: t = WeightTensor(name, mn, m, pn, m, pn, parent=parent)
             seen[id(p)] = t; res.append(t)
     return res
 

@@ -10,7 +10,6 @@ import pandas as pd
 from fastai.basics import Callback, Learner, L, patch
 from fastai.learner import ValueMetric, save_model
 from fastai.callback.fp16 import MixedPrecision
-from .tensors import weight_name
 from fastai.optimizer import (Optimizer, OptimWrapper, sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad,
                               momentum_step, step_stat, adam_step, radam_step, qhadam_step, lamb_step, rms_prop_step,
                               larc_layer_lr, larc_step)
@@ -155,7 +154,7 @@ class MaskedTraining(Callback):
         if sp is None: return 0.
         if self._sparsity_cache is None:
             tot = sum(m.weight.numel() for m in sp.layers.values())
-            names = {weight_name(n) for n in sp.layers}
+            names = {sp.weight_name(n) for n in sp.layers}
             masked = sum(int(m.numel() - torch.count_nonzero(m)) for n,m in sp.masks.items() if n in names)
             self._sparsity_cache = masked / tot if tot else 0.
         return self._sparsity_cache

@@ -1,0 +1,231 @@
+"""Sparsity on every weight tensor: recurrent layers (LSTM with layers, directions and proj_size, GRU, RNN), attention
+(packed in_proj and separate q/k/v), embeddings, fastai's AWD-LSTM (raw weights under WeightDropout) and tied weights --
+exact counts per tensor and granularity, groups inside one gate, the warning for tensors left dense, and an LSTM trained
+on digits rows through SparsifyCallback with Adam."""
+import warnings
+import pytest, torch, torch.nn as nn
+from fastai.basics import Learner, Adam, CrossEntropyLossFlat, accuracy, set_seed, Callback, load_learner
+from fastsparse.sparsifier import Sparsifier
+from fastsparse.tensors import select_tensors
+from fastsparse.granularity import n_groups
+from fastsparse.criteria import large_final, random, large_init, movement, taylor, wanda
+from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
+from fastsparse.dst import DynamicSparseCallback
+from fastsparse.training import MaskedTraining, opt_states
+from fastsparse.schedule import agp
+from fastsparse.demo import digits_dls
+
+KINDS = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag)
+
+class Zoo(nn.Module):
+    "One of every module kind with weight tensors other than a plain matrix"
+    def __init__(self):
+        super().__init__()
+        self.emb,self.bag = nn.Embedding(30, 8),nn.EmbeddingBag(20, 6)
+        self.lstm = nn.LSTM(8, 6, num_layers=2, bidirectional=True, proj_size=4)
+        self.gru,self.rnn = nn.GRU(8, 5, num_layers=2),nn.RNN(8, 7)
+        self.att = nn.MultiheadAttention(8, 2)
+        self.qkv = nn.MultiheadAttention(8, 2, kdim=4, vdim=12)
+
+def zoo():
+    torch.manual_seed(0); return Zoo()
+
+EXPECTED = ['emb', 'bag'] + [f'lstm.weight_{k}_l{l}{d}' for l in (0, 1) for d in ('', '_reverse') for k in ('ih', 'hh', 'hr')] + \
+           [f'gru.weight_{k}_l{l}' for l in (0, 1) for k in ('ih', 'hh')] + ['rnn.weight_ih_l0', 'rnn.weight_hh_l0'] + \
+           ['att.in_proj_weight', 'qkv.q_proj_weight', 'qkv.k_proj_weight', 'qkv.v_proj_weight']
+
+def test_every_tensor_selected():
+    with pytest.warns(UserWarning, match=r"\['att.out_proj.weight', 'qkv.out_proj.weight'\]"):  # Linears inside the attention
+        sp = Sparsifier(zoo(), layer_type=KINDS)
+    assert list(sp.tensors) == EXPECTED
+    rep = sp.sparsity_report()
+    assert rep.layer.tolist()[:-1] == EXPECTED and rep.tensor.tolist()[:-1] == [('emb.weight' if n == 'emb' else 'bag.weight' if n == 'bag' else n) for n in EXPECTED]
+    assert rep.set_index('layer').loc['lstm.weight_hr_l1_reverse', 'params'] == 4 * 6
+
+def group_view(sp, n):
+    "The tensor's mask in its group view and the reduced dims"
+    return sp.view(n, sp.masks[sp.weight_name(n)]), sp.dims[n]
+
+@pytest.mark.parametrize('gran', ['weight', 'row', 'column', 'unit'])
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_exact_counts_per_tensor(gran, context):
+    s = 0.3
+    m = zoo()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # 'unit' is for packed tensors: others raise, checked below
+        if gran == 'unit':
+            with pytest.raises(ValueError, match=r"layer 'emb' \(Embedding\): granularity='unit' is not available for Embedding"):
+                Sparsifier(m, gran, layer_type=KINDS)
+            kinds = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)
+            sp = Sparsifier(m, gran, context, params=['lstm.weight_ih_*', 'lstm.weight_hh_*', 'gru.*', 'rnn.*', 'att.in_proj_weight'])
+        else: sp = Sparsifier(m, gran, context, layer_type=KINDS)
+    sp.sparsify_model(s)
+    total = pruned = 0
+    for n, t in sp.tensors.items():
+        mask, dims = group_view(sp, n)
+        keep = mask.all(dim=dims, keepdim=True) if dims else mask
+        assert torch.equal(keep.expand(mask.shape), mask), f"{n}: a {gran} group is partly masked"  # whole groups, inside one block
+        g = n_groups(mask.shape, dims)
+        k = int((~keep).sum())
+        if context == 'local': assert k == round(s * g), (n, k, g)
+        total += g; pruned += k
+        assert (t.weight[~sp.masks[t.name]] == 0).all()
+    if context == 'global': assert pruned == round(s * total)
+
+def test_gates_and_units():
+    "A 'row' is one unit of one gate; 'column' one input of one gate; 'unit' one hidden unit in all four gates"
+    lstm = nn.LSTM(5, 3)
+    for gran, per_gate in (('row', True), ('column', True), ('unit', False)):
+        sp = Sparsifier(lstm, gran, layer_type=nn.LSTM).sparsify_layer('weight_hh_l0', 1/3)
+        mask = sp.masks['weight_hh_l0'].view(4, 3, 3)  # (gate, hidden unit, input)
+        if gran == 'unit':
+            assert int((~mask).all(2).all(0).sum()) == 1 and int((~mask).sum()) == 12  # one unit: its row in each gate
+        elif gran == 'row': assert int((~mask).all(2).sum()) == 4 and int((~mask).sum()) == 12
+        else: assert int((~mask).all(1).sum()) == 4 and int((~mask).sum()) == 12
+
+def test_in_proj_blocks_apart():
+    "attention's in_proj packs q, k, v: a column group is one input of one of them"
+    att = nn.MultiheadAttention(6, 2)
+    sp = Sparsifier(att, 'column', layer_type=nn.MultiheadAttention).sparsify_model(0.5)
+    mask = sp.masks['in_proj_weight'].view(3, 6, 6)
+    assert int((~mask).all(1).sum()) == 9 and torch.equal(mask.all(1, keepdim=True).expand_as(mask), mask)
+
+def test_nm_along_inputs():
+    m = zoo()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        sp = Sparsifier(m, nm=True, layer_type=(nn.LSTM, nn.MultiheadAttention)).sparsify_model(0.5)
+    for n in ['lstm.weight_ih_l0', 'lstm.weight_hh_l1', 'att.in_proj_weight', 'qkv.k_proj_weight', 'qkv.v_proj_weight']:
+        mask = sp.masks[sp.weight_name(n)]
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), n  # 2 of every 4 consecutive inputs
+    # lstm.weight_hr_l* has 6 inputs (not divisible by 4): dense, named in a warning
+    assert 'lstm.weight_hr_l0' not in sp.masks and any("'lstm.weight_hr_l0'" in str(x.message) for x in w)
+
+@pytest.mark.parametrize('crit', [large_final, random, large_init, movement, taylor])
+def test_criteria_on_every_tensor(crit):
+    torch.manual_seed(0)
+    net = SeqNet()
+    batches = [(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    sp = Sparsifier(net, criteria=crit, layer_type=(nn.LSTM, nn.Linear), data=batches if crit is taylor else None)
+    sp.sparsify_model(0.5)
+    for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.5 * t.weight.numel()), n
+
+def test_wanda_where_input_is_seen():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), 1)
+    net = nn.Sequential(enc)
+    x = torch.randn(4, 5, 8)
+    with pytest.raises(ValueError, match=r"cannot be observed for '0.layers.0.self_attn.out_proj.weight' \(NonDynamicallyQuantizableLinear\)"):
+        Sparsifier(net, criteria=wanda, layer_type=(nn.Linear, nn.MultiheadAttention))
+    sp = Sparsifier(net, criteria=wanda, layer_type=(nn.Linear, nn.MultiheadAttention), exclude='*out_proj', data=[x, x])
+    assert sp.state['0.layers.0.self_attn.in_proj_weight']['act'].shape == (3, 1, 8)  # query, key and value apart
+    sp.sparsify_model(0.5)
+    assert int((~sp.masks['0.layers.0.self_attn.in_proj_weight']).sum()) == 96
+    # an LSTM's first weight_ih sees the input; weight_hh meets the hidden state
+    lstm = SeqNet()
+    xb = [torch.rand(8, 1, 8, 8)]
+    sp = Sparsifier(lstm, criteria=wanda, params='rnn.weight_ih_l0', data=xb).sparsify_model(0.5)
+    assert sp.state['rnn.weight_ih_l0']['act'].shape == (1, 1, 8)
+    rows = xb[0].view(8, 8, 8)
+    assert torch.allclose(sp.state['rnn.weight_ih_l0']['act'].flatten(), rows.pow(2).sum((0, 1)).sqrt())
+    with pytest.raises(ValueError, match=r"cannot be observed for 'rnn.weight_hh_l0' \(LSTM\); for these tensors choose one of \[.*'taylor'"):
+        Sparsifier(lstm, criteria=wanda, layer_type=nn.LSTM)
+
+def test_warning_names_what_stays_dense():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), 2)
+    with pytest.warns(UserWarning, match=r"leaves dense the weight tensors \['layers.0.self_attn.in_proj_weight', 'layers.1.self_attn.in_proj_weight'\].*add MultiheadAttention to layer_type"):
+        Sparsifier(enc, layer_type=nn.Linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        sp = Sparsifier(enc, layer_type=(nn.Linear, nn.MultiheadAttention)).sparsify_model(0.5)
+    assert int((~sp.masks['layers.1.self_attn.in_proj_weight']).sum()) == 96
+
+def test_tied_weights_one_mask():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(12, 6), nn.Linear(6, 12))
+    m[1].weight = m[0].weight
+    sp = Sparsifier(m, layer_type=(nn.Embedding, nn.Linear)).sparsify_model(0.5)
+    assert list(sp.masks) == ['0.weight'] and list(sp.tensors) == ['0']
+    assert int((m[1].weight == 0).sum()) == 36 and m[1].weight is m[0].weight
+    rep = sp.sparsity_report()
+    assert len(rep) == 2 and rep.note[0] == 'tied: also 1.weight'
+
+def test_awd_lstm_raw_and_used():
+    from fastai.text.models.awdlstm import AWD_LSTM
+    torch.manual_seed(0)
+    m = AWD_LSTM(40, 8, 12, 2, weight_p=0.5)
+    sp = Sparsifier(m, layer_type=nn.LSTM).sparsify_model(0.6)
+    assert list(sp.tensors) == ['rnns.0.weight_hh_l0_raw', 'rnns.0.module.weight_ih_l0', 'rnns.1.weight_hh_l0_raw', 'rnns.1.module.weight_ih_l0']
+    for n, t in sp.tensors.items(): assert int((t.weight == 0).sum()) == round(0.6 * t.weight.numel()), n
+    seen = []
+    def check(mod, inp):  # the weight the LSTM really uses, at every forward
+        mask = sp.masks['rnns.0.weight_hh_l0_raw']
+        seen.append(bool((mod.weight_hh_l0[~mask] == 0).all()) and bool((mod.weight_hh_l0[mask] != 0).any()))
+    h = m.rnns[0].module.register_forward_pre_hook(check)
+    mask = sp.masks['rnns.0.weight_hh_l0_raw']
+    assert (m.rnns[0].module.weight_hh_l0[~mask] == 0).all()  # held by the LSTM before any forward too
+    x = torch.randint(0, 40, (2, 5))
+    m.train(); m.reset(); m(x); m.eval(); m.reset(); m(x)
+    h.remove()
+    assert seen == [True, True]
+
+class SeqNet(nn.Module):
+    "An LSTM that reads a digit row by row (8 steps of 8 pixels) and classifies it from its last hidden state"
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.rnn,self.head = nn.LSTM(8, hidden, batch_first=True),nn.Linear(hidden, 10)
+    def forward(self, x):
+        out, _ = self.rnn(x.view(x.shape[0], 8, 8))
+        return self.head(out[:, -1])
+
+class CheckMasks(Callback):
+    "After every optimizer step: masked weights and their Adam state are exactly zero"
+    order = MaskedTraining.order + 1
+    def before_fit(self): self.n = 0
+    def after_step(self):
+        cb = [c for c in self.learn.cbs if isinstance(c, MaskedTraining)][0]
+        for name, mask in cb.masks.items():
+            p = self.learn.model.get_parameter(name)
+            assert (p[~mask] == 0).all(), name
+            for v in opt_states(self.learn.opt, p): assert (v[~mask] == 0).all(), name
+        self.n += 1
+
+def lstm_learner(cbs=None):
+    set_seed(0, reproducible=True)
+    return Learner(digits_dls(), SeqNet(), loss_func=CrossEntropyLossFlat(), opt_func=Adam, metrics=accuracy, cbs=cbs)
+
+def test_lstm_digits_rows_80pct(tmp_path):
+    dense = lstm_learner()
+    with dense.no_bar(), dense.no_logging(): dense.fit_one_cycle(12, 3e-2)
+    acc_dense = float(dense.validate()[1])
+    cb, chk = SparsifyCallback(0.8, schedule=agp.with_pcts(0., 0.5), layer_type=nn.LSTM), CheckMasks()
+    learn = lstm_learner([cb, chk])
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(12, 3e-2)
+    assert chk.n == 12 * len(learn.dls.train)  # checked after every one of the steps
+    acc = float(learn.validate()[1])
+    for n, t in cb.sparsifier.tensors.items(): assert int((t.weight == 0).sum()) == round(0.8 * t.weight.numel()), n
+    assert list(cb.sparsifier.tensors) == ['rnn.weight_ih_l0', 'rnn.weight_hh_l0']
+    assert acc_dense > 0.95 and acc > acc_dense - 0.03, (acc_dense, acc)  # measured: 0.9666 dense, 0.9666 at 80%
+    assert learn.model.state_dict().keys() == SeqNet().state_dict().keys()
+    SeqNet().load_state_dict(learn.model.state_dict(), strict=True)
+    learn.path = tmp_path; learn.export('lstm.pkl')
+    assert load_learner(tmp_path / 'lstm.pkl') is not None
+
+@pytest.mark.parametrize('kind', ['dst', 'fixed'])
+def test_other_callbacks_on_lstm(kind):
+    net = SeqNet(32)
+    if kind == 'dst': cb = DynamicSparseCallback(0.7, 'rigl', update_every=5, layer_type=nn.LSTM)
+    else:
+        masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) > 0.7
+                 for i, (n, p) in enumerate(net.named_parameters()) if n.startswith('rnn.weight')}
+        cb = FixedSparsityCallback(masks)
+    chk = CheckMasks()
+    set_seed(0, reproducible=True)
+    learn = Learner(digits_dls(), net, loss_func=CrossEntropyLossFlat(), opt_func=Adam, metrics=accuracy, cbs=[cb, chk])
+    learn.fit(1, 1e-2)
+    assert chk.n == len(learn.dls.train)
+    sp = cb.sparsifier
+    assert set(sp.tensors) == {'rnn.weight_ih_l0', 'rnn.weight_hh_l0'}
+    if kind == 'dst':
+        for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.7 * t.weight.numel()), n
+    SeqNet(32).load_state_dict(learn.model.state_dict(), strict=True)
