@@ -229,3 +229,49 @@ def test_other_callbacks_on_lstm(kind):
     if kind == 'dst':
         for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.7 * t.weight.numel()), n
     SeqNet(32).load_state_dict(learn.model.state_dict(), strict=True)
+
+def test_lstm_resume_mid_schedule(tmp_path):
+    "A checkpoint saved mid-schedule resumes the same trajectory: same masks and weights at the end"
+    from fastai.callback.tracker import SaveModelCallback
+    def run(seed=0):
+        set_seed(seed, reproducible=True)
+        cb = SparsifyCallback(0.8, schedule=agp.with_pcts(0., 0.75), layer_type=nn.LSTM)
+        return Learner(digits_dls(shuffle=False), SeqNet(32), loss_func=CrossEntropyLossFlat(), opt_func=Adam, cbs=[cb], path=tmp_path), cb
+    a, ca = run()
+    with a.no_bar(), a.no_logging(): a.fit_one_cycle(4, 1e-2, cbs=[SaveModelCallback(every_epoch=True, with_opt=True, fname='ck')])
+    b, cb = run(seed=123)  # another init: the checkpoint must override it
+    b.load('ck_1', with_opt=True)
+    with b.no_bar(), b.no_logging(): b.fit_one_cycle(4, 1e-2, start_epoch=2)
+    for k in ca.masks: assert torch.equal(ca.masks[k], cb.masks[k]), k
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.allclose(va, vb, atol=1e-6), ka
+    assert list(b.model.state_dict()) == list(SeqNet(32).state_dict())
+
+class AWDClassifier(nn.Module):
+    "fastai's AWD-LSTM over a digit read as 32 tokens (each a pair of pixels at 16 grey levels), and a linear head"
+    def __init__(self):
+        super().__init__()
+        from fastai.text.models.awdlstm import AWD_LSTM
+        self.enc,self.head = AWD_LSTM(16**2, 16, 32, 2, pad_token=0, hidden_p=0., input_p=0., embed_p=0., weight_p=0.3),nn.Linear(16, 10)
+    def forward(self, x):
+        px = (x.view(x.shape[0], 32, 2) * 15).round().long().clamp(0, 15)
+        self.enc.reset()
+        return self.head(self.enc(px[..., 0] * 16 + px[..., 1])[:, -1])
+
+def test_awd_lstm_trains_masked():
+    "Through SparsifyCallback: the raw weights hold their exact counts and the weight the LSTM uses is masked at every forward"
+    set_seed(0, reproducible=True)
+    cb, chk = SparsifyCallback(0.7, schedule=agp.with_pcts(0., 0.5), layer_type=nn.LSTM), CheckMasks()
+    learn = Learner(digits_dls(), AWDClassifier(), loss_func=CrossEntropyLossFlat(), opt_func=Adam, metrics=accuracy, cbs=[cb, chk])
+    used = []
+    def check(mod, inp):
+        mask = cb.masks.get('enc.rnns.0.weight_hh_l0_raw')
+        if mask is not None and not mask.all(): used.append(bool((mod.weight_hh_l0[~mask] == 0).all()))
+    h = learn.model.enc.rnns[0].module.register_forward_pre_hook(check)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 1e-2)
+    h.remove()
+    assert chk.n == 3 * len(learn.dls.train)
+    assert len(used) > 3 * len(learn.dls.train) and all(used)   # in training (dropout) and in validation
+    for n, t in cb.sparsifier.tensors.items(): assert int((t.weight == 0).sum()) == round(0.7 * t.weight.numel()), n
+    assert 'enc.rnns.0.weight_hh_l0_raw' in cb.sparsifier.tensors
+    AWDClassifier().load_state_dict(learn.model.state_dict(), strict=True)
