@@ -9,7 +9,7 @@ import pandas as pd
 import torch, torch.nn as nn
 from torch import Tensor
 from ..granularity import get_layout
-from ..sparsifier import select_layers
+from ..tensors import select_layers
 from .timing import check_example_input, call_model, outputs_close
 
 _logger = logging.getLogger(__name__)
