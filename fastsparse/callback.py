@@ -108,6 +108,8 @@ class SparsifyCallback(MaskedTraining):
         else: lt,prm,inc = self.layer_type,self.params,self.include
         self.sparsifier = sp = Sparsifier(model, self.granularity, self.context, self.criteria, self.nm, lt, params=prm, include=inc,
                                           exclude=self.exclude, loss_func=getattr(self.learn, 'loss_func', None), seed=self.seed)
+        if isinstance(self.targets, dict):  # a module's name stands for each of its tensors (an LSTM's 'rnn': its matrices)
+            self.targets = {n: v for k,v in self.targets.items() for n in sp.resolve(k)}
         sched_start = self.schedule.start_pct * self.n_epoch
         if self.lth and self.rewind_epoch > sched_start:
             raise ValueError(f"rewind_epoch={self.rewind_epoch} comes after the schedule starts (epoch {sched_start:g} of "

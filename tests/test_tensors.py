@@ -275,3 +275,22 @@ def test_awd_lstm_trains_masked():
     for n, t in cb.sparsifier.tensors.items(): assert int((t.weight == 0).sum()) == round(0.7 * t.weight.numel()), n
     assert 'enc.rnns.0.weight_hh_l0_raw' in cb.sparsifier.tensors
     AWDClassifier().load_state_dict(learn.model.state_dict(), strict=True)
+
+def test_dict_target_by_module_name():
+    "{'rnn': 0.5} reaches each of the LSTM's weight tensors (a module's name stands for its tensors)"
+    set_seed(0, reproducible=True)
+    cb = SparsifyCallback({'rnn': 0.5, 'head': 0.25}, schedule=agp.with_pcts(0., 0.5))
+    learn = Learner(digits_dls(), SeqNet(16), loss_func=CrossEntropyLossFlat(), opt_func=Adam, cbs=[cb])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    sp = cb.sparsifier
+    assert list(sp.tensors) == ['rnn.weight_ih_l0', 'rnn.weight_hh_l0', 'head']
+    for n, t in sp.tensors.items(): assert int((t.weight == 0).sum()) == round((0.25 if n == 'head' else 0.5) * t.weight.numel()), n
+
+def test_counting_covers_every_tensor():
+    from fastsparse.export import count_params, size_report
+    m = nn.Sequential(nn.LSTM(8, 16), nn.Linear(16, 4))
+    Sparsifier(m, layer_type=(nn.LSTM, nn.Linear)).sparsify_model(0.5)
+    cp = count_params(m).set_index('layer')
+    assert cp.loc['0', 'params'] == 64 * 8 + 64 * 16 + 2 * 64 and cp.loc['0', 'nonzero'] == 768 + 128  # biases dense
+    sr = size_report(m).set_index('tensor')
+    assert {'0.weight_ih_l0', '0.weight_hh_l0'} <= set(sr.index)
