@@ -11,7 +11,7 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
 from .sparsifier import Sparsifier
-from .tensors import select_layers, weight_name
+from .tensors import select_tensors, weight_name
 from .checks import as_fraction, check_layer_type, check_choice, check_unit, check_number
 from .training import MaskedTraining, opt_states, unwrap_model
 
@@ -23,8 +23,8 @@ __all__ = ['distributions', 'regrow_methods', 'N_UPDATES', 'erk_sparsities', 'ra
 
 # %% ../nbs/08_dst.ipynb #ef054ee1
 def _layers_of(model_or_layers, layer_type, include, exclude) -> dict:
-    "`{name: layer}` from a model (selected by type and name) or a dict of layers"
-    if isinstance(model_or_layers, nn.Module): return select_layers(model_or_layers, layer_type, include, exclude)
+    "`{name: layer}` from a model (its weight tensors selected by type and name) or a dict of layers"
+    if isinstance(model_or_layers, nn.Module): return select_tensors(model_or_layers, layer_type, include=include, exclude=exclude)
     if isinstance(model_or_layers, dict) and model_or_layers and all(
         isinstance(getattr(m, 'weight', None), Tensor) for m in model_or_layers.values()): return dict(model_or_layers)
     raise TypeError(f"model_or_layers must be an nn.Module or a non-empty dict {{name: layer with a weight}}, "
@@ -111,12 +111,12 @@ def random_masks(model:nn.Module, # the model whose layers get masks
                 )->dict: # {tensor_name: bool mask (True = keep)}, e.g. {'1.weight': ...}
     "Random boolean masks with exactly `round(s_i * n_i)` zeros in each selected layer"
     distribution = check_choice(distribution, distributions, 'distribution')
-    if isinstance(sparsity, dict): layers = select_layers(model, None, list(sparsity), exclude)
-    else: layers = select_layers(model, layer_type, include, exclude)
+    if isinstance(sparsity, dict): layers = select_tensors(model, None, include=list(sparsity), exclude=exclude)
+    else: layers = select_tensors(model, layer_type, include=include, exclude=exclude)
     targets = _layer_targets(layers, sparsity, distribution)
     g = _gen(seed, 0)
-    return {weight_name(n): _random_keep(m.weight.numel(), round(targets[n] * m.weight.numel()), g, m.weight.device).view_as(m.weight)
-            for n,m in layers.items()}
+    return {t.name: _random_keep(t.weight.numel(), round(targets[n] * t.weight.numel()), g, t.weight.device).view_as(t.weight)
+            for n,t in layers.items()}
 
 # %% ../nbs/08_dst.ipynb #1829ee0e
 def _lowest(scores:Tensor, k:int, g:torch.Generator=None) -> Tensor:

@@ -10,7 +10,7 @@ from fastsparse.tensors import select_tensors
 from fastsparse.granularity import n_groups
 from fastsparse.criteria import large_final, random, large_init, movement, taylor, wanda
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
-from fastsparse.dst import DynamicSparseCallback
+from fastsparse.dst import DynamicSparseCallback, random_masks
 from fastsparse.training import MaskedTraining, opt_states
 from fastsparse.schedule import agp
 from fastsparse.demo import digits_dls
@@ -216,8 +216,8 @@ def test_other_callbacks_on_lstm(kind):
     net = SeqNet(32)
     if kind == 'dst': cb = DynamicSparseCallback(0.7, 'rigl', update_every=5, layer_type=nn.LSTM)
     else:
-        masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(i)) > 0.7
-                 for i, (n, p) in enumerate(net.named_parameters()) if n.startswith('rnn.weight')}
+        masks = random_masks(net, 0.7, layer_type=nn.LSTM, seed=1)
+        assert {k: int((~v).sum()) for k, v in masks.items()} == {'rnn.weight_ih_l0': round(0.7 * 128 * 8), 'rnn.weight_hh_l0': round(0.7 * 128 * 32)}
         cb = FixedSparsityCallback(masks)
     chk = CheckMasks()
     set_seed(0, reproducible=True)
@@ -226,8 +226,7 @@ def test_other_callbacks_on_lstm(kind):
     assert chk.n == len(learn.dls.train)
     sp = cb.sparsifier
     assert set(sp.tensors) == {'rnn.weight_ih_l0', 'rnn.weight_hh_l0'}
-    if kind == 'dst':
-        for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.7 * t.weight.numel()), n
+    for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.7 * t.weight.numel()), n
     SeqNet(32).load_state_dict(learn.model.state_dict(), strict=True)
 
 def test_lstm_resume_mid_schedule(tmp_path):
