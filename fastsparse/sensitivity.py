@@ -48,6 +48,13 @@ def _macs(m, inp, out):
     if isinstance(m, nn.Linear): return out.numel() * m.in_features
     return inp[0].shape[0] * m.weight.numel() if inp and isinstance(inp[0], Tensor) and inp[0].dim() else m.weight.numel()
 
+def _tensor_macs(t, inp):
+    "Multiply-accumulates of weight tensor `t` (a `WeightTensor`: an LSTM's gates, attention's q/k/v) in one call of its module"
+    x = inp[0] if inp else None
+    x = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    positions = x.numel() // x.shape[-1] if isinstance(x, Tensor) and x.dim() else 1  # every step (token) meets the matrix once
+    return positions * t.weight.numel()
+
 @torch.no_grad()
 def layer_flops(model:nn.Module, # the model
                 layers:dict, # {name: module} of the layers to count (e.g. `Sparsifier.layers`)
@@ -56,11 +63,12 @@ def layer_flops(model:nn.Module, # the model
     "Multiply-accumulates per sample of each layer in `layers`, counted with hooks during `model(*xs)`"
     bs = xs[0].shape[0] if xs and isinstance(xs[0], Tensor) and xs[0].dim() else 1
     res = {n: 0 for n in layers}
-    def hook(n):
-        def f(m, inp, out): res[n] += _macs(m, inp, out)
+    def hook(n, t=None):
+        def f(m, inp, out): res[n] += _macs(m, inp, out) if t is None else _tensor_macs(t, inp)
         return f
     modes = {m: m.training for m in model.modules()}
-    hooks = [m.register_forward_hook(hook(n)) for n,m in layers.items()]
+    hooks = [m.register_forward_hook(hook(n)) if isinstance(m, nn.Module) else m.module.register_forward_hook(hook(n, m))
+             for n,m in layers.items()]
     try: model.eval(); model(*xs)
     finally:
         for h in hooks: h.remove()
@@ -196,7 +204,7 @@ def analyze_sensitivity(learn:Learner, # a (trained) Learner with validation dat
                       f"metric computed from the model's output? is `dl` large enough to change it?); try metric='loss'")
     return SensitivityResult(levels, values, baseline, params={n: m.weight.numel() for n,m in sp.layers.items()},
                              metric=name, higher_is_better=higher_is_better, flops=flops,
-                             types={n: type(m).__name__ for n,m in sp.layers.items()}, granularity=granularity,
+                             types={n: t.kind for n,t in sp.tensors.items()}, granularity=granularity,
                              criteria=crit.name)
 
 # %% ../nbs/06_sensitivity.ipynb #db9def8f

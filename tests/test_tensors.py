@@ -293,3 +293,15 @@ def test_counting_covers_every_tensor():
     assert cp.loc['0', 'params'] == 64 * 8 + 64 * 16 + 2 * 64 and cp.loc['0', 'nonzero'] == 768 + 128  # biases dense
     sr = size_report(m).set_index('tensor')
     assert {'0.weight_ih_l0', '0.weight_hh_l0'} <= set(sr.index)
+
+def test_sensitivity_per_tensor():
+    "analyze_sensitivity ranks an LSTM's matrices one by one (MACs per step counted for each)"
+    from fastsparse.sensitivity import analyze_sensitivity, layer_flops
+    set_seed(0, reproducible=True)
+    learn = Learner(digits_dls(), SeqNet(16), loss_func=CrossEntropyLossFlat(), opt_func=Adam, metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    r = analyze_sensitivity(learn, sparsities=(0.5, 0.9), layer_type=nn.LSTM)
+    assert r.layers == ['rnn.weight_ih_l0', 'rnn.weight_hh_l0'] and r.types == {n: 'LSTM' for n in r.layers}
+    sp = Sparsifier(learn.model, layer_type=nn.LSTM)
+    fl = layer_flops(learn.model, sp.layers, torch.zeros(3, 1, 8, 8))
+    assert fl == {'rnn.weight_ih_l0': 8 * 64 * 8, 'rnn.weight_hh_l0': 8 * 64 * 16}  # 8 steps per digit
