@@ -515,6 +515,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'fastsparse/sensitivity.py'),
                                         'fastsparse.sensitivity._resolve_metric': ( 'sensitivity.html#_resolve_metric',
                                                                                     'fastsparse/sensitivity.py'),
+                                        'fastsparse.sensitivity._tensor_macs': ( 'sensitivity.html#_tensor_macs',
+                                                                                 'fastsparse/sensitivity.py'),
                                         'fastsparse.sensitivity._valid_dl': ('sensitivity.html#_valid_dl', 'fastsparse/sensitivity.py'),
                                         'fastsparse.sensitivity.analyze_sensitivity': ( 'sensitivity.html#analyze_sensitivity',
                                                                                         'fastsparse/sensitivity.py'),
