@@ -305,3 +305,19 @@ def test_sensitivity_per_tensor():
     sp = Sparsifier(learn.model, layer_type=nn.LSTM)
     fl = layer_flops(learn.model, sp.layers, torch.zeros(3, 1, 8, 8))
     assert fl == {'rnn.weight_ih_l0': 8 * 64 * 8, 'rnn.weight_hh_l0': 8 * 64 * 16}  # 8 steps per digit
+
+@pytest.mark.parametrize('gran,context', [('unit', 'local'), ('row', 'global')])
+def test_structured_through_the_callback(gran, context):
+    "Hidden units (every gate) or gate rows pruned while training: exact group counts, whole groups, Adam state zero"
+    set_seed(0, reproducible=True)
+    cb, chk = SparsifyCallback(0.5, gran, context, schedule=agp.with_pcts(0., 0.5), layer_type=nn.LSTM), CheckMasks()
+    learn = Learner(digits_dls(), SeqNet(16), loss_func=CrossEntropyLossFlat(), opt_func=Adam, cbs=[cb, chk])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    sp, pruned, total = cb.sparsifier, 0, 0
+    for n, t in sp.tensors.items():
+        mask = sp.view(n, sp.masks[t.name])
+        keep = mask.all(dim=sp.dims[n], keepdim=True)
+        assert torch.equal(keep.expand(mask.shape), mask), n
+        pruned += int((~keep).sum()); total += sp.n_groups(n)
+        if context == 'local': assert int((~keep).sum()) == 8, n  # 8 of 16 hidden units
+    assert pruned == round(0.5 * total) and chk.n == 2 * len(learn.dls.train)
