@@ -12,7 +12,7 @@ from fastai.learner import Metric
 from .granularity import granularity_dims
 from .schedule import get_schedule
 from .checks import check_number, check_choice, check_layer_type
-from .tensors import select_layers
+from .tensors import select_tensors
 
 # %% auto #0
 __all__ = ['penalties', 'penalty_value', 'RegularizeCallback']
@@ -69,6 +69,7 @@ class RegularizeCallback(Callback):
                  clamp=None, # None, or (lo, hi) to clip weights into after every step (None for one side), e.g. (target, None)
                  granularity:str=None, # groups of the group penalties (default 'filter'); None or 'weight' for l1/l2
                  layer_type=(nn.Linear, nn.Conv2d), # class or tuple of classes of the layers to regularize; None: any with a weight
+                 params=None, # tensor names or glob patterns (e.g. 'rnn.weight_hh_*'); when given, they choose
                  include=None, # layer names or glob patterns to choose from (None: all)
                  exclude=None, # layer names or glob patterns to leave alone
                  eps:float=1e-3): # a weight counts as "at the target" when |w - target| <= eps
@@ -89,7 +90,7 @@ class RegularizeCallback(Callback):
         check_layer_type(layer_type)
         if layer_type is not None:
             for t in (layer_type if isinstance(layer_type, tuple) else (layer_type,)): granularity_dims(t, self.granularity)
-        self.layer_type,self.include,self.exclude = layer_type,include,exclude
+        self.layer_type,self.params,self.include,self.exclude = layer_type,params,include,exclude
         self.current_strength,self._layers = 0.,None
 
     def _init_state(self):
@@ -98,8 +99,8 @@ class RegularizeCallback(Callback):
 
     def _select(self, model):
         "The selected layers of `model` and the dims of their groups (checks the granularity on each)"
-        layers = select_layers(model, self.layer_type, self.include, self.exclude)
-        return {n:(m, granularity_dims(m, self.granularity)) for n,m in layers.items()}
+        tensors = select_tensors(model, self.layer_type, self.params, self.include, self.exclude)
+        return {n:(t, granularity_dims(t.layout, self.granularity, f"{t.name} ({t.kind})")) for n,t in tensors.items()}
 
     def before_fit(self):
         "Select the layers, and show `reg_strength` and `near_target` in the progress table"
@@ -116,7 +117,7 @@ class RegularizeCallback(Callback):
 
     def penalty_loss(self)->torch.Tensor:
         "The unscaled penalty: the sum of `penalty_value(w - target)` over the selected layers"
-        return sum(penalty_value(m.weight - self.target, self.penalty, dims) for m,dims in self._layers_now().values())
+        return sum(penalty_value(t.view(t.weight) - self.target, self.penalty, dims) for t,dims in self._layers_now().values())
 
     def after_loss(self):
         "Add the scheduled penalty to the loss that is backpropagated"
@@ -130,7 +131,7 @@ class RegularizeCallback(Callback):
         "Clip the weights into `clamp` after the optimizer step"
         if self.clamp is None: return
         lo,hi = self.clamp
-        for m,_ in self._layers.values(): m.weight.clamp_(lo, hi)
+        for t,_ in self._layers.values(): t.weight.clamp_(lo, hi)
 
     def after_fit(self):
         "Take the two columns out of the Learner's metrics again"
@@ -145,17 +146,17 @@ class RegularizeCallback(Callback):
     def near_target(self)->float:
         "Fraction of the selected weights within `eps` of `target`"
         n = near = 0
-        for m,_ in self._layers_now().values():
-            near += int(((m.weight - self.target).abs() <= self.eps).sum()); n += m.weight.numel()
+        for t,_ in self._layers_now().values():
+            near += int(((t.weight - self.target).abs() <= self.eps).sum()); n += t.weight.numel()
         return near/n
 
     @torch.no_grad()
     def report(self)->pd.DataFrame:
         "Per selected layer: type, params, fraction within `eps` of `target`, mean |w - target| (and a params-weighted total)"
         rows = []
-        for n,(m,_) in self._layers_now().items():
-            d = (m.weight.detach().float() - self.target).abs()
-            rows.append(dict(layer=n, type=type(m).__name__, params=d.numel(), near_target=(d <= self.eps).float().mean().item(),
+        for n,(t,_) in self._layers_now().items():
+            d = (t.weight.detach().float() - self.target).abs()
+            rows.append(dict(layer=n, type=t.kind, params=d.numel(), near_target=(d <= self.eps).float().mean().item(),
                              mean_abs_dev=d.mean().item()))
         df = pd.DataFrame(rows)
         w = df.params/df.params.sum()
