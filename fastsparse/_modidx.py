@@ -240,6 +240,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'fastsparse/export/kernels.py'),
                                            'fastsparse.export.kernels._default_forms': ( 'export_kernels.html#_default_forms',
                                                                                          'fastsparse/export/kernels.py'),
+                                           'fastsparse.export.kernels._fused_row': ( 'export_kernels.html#_fused_row',
+                                                                                     'fastsparse/export/kernels.py'),
                                            'fastsparse.export.kernels._has_fbgemm': ( 'export_kernels.html#_has_fbgemm',
                                                                                       'fastsparse/export/kernels.py'),
                                            'fastsparse.export.kernels._set_module': ( 'export_kernels.html#_set_module',

@@ -173,7 +173,8 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
     for f in forms: check_choice(f, _FORMS, 'forms')
     n,warmup = check_pos_int(n, 'n'),check_pos_int(warmup, 'warmup', 0)
     if num_threads is not None: check_pos_int(num_threads, 'num_threads')
-    lins = {k:l for k,l in m.named_modules() if isinstance(l, nn.Linear)}
+    fused = {k:l for k,l in m.named_modules() if isinstance(l, _FUSED)}  # their matrices run inside one op: no form swaps in
+    lins = {k:l for k,l in m.named_modules() if isinstance(l, nn.Linear) and not any(k.startswith(f + '.') for f in fused)}
     inputs = {}
     def _keep(k):
         def hook(l, i, o): inputs.setdefault(k, i[0].detach().clone())  # returns None: the output is left alone
@@ -189,6 +190,7 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
         for k,l in lins.items():
             row = _convert_layer(m, k, l, inputs.get(k), forms, min_speedup, min_sparsity, n, warmup, rtol, atol, int8_tol)
             rows.append(row)
+        rows += [_fused_row(k, l) for k,l in fused.items()]
     finally: torch.set_num_threads(old)
     with torch.inference_mode(): out = call_model(m, example_input)
     if any(r['form'] == 'int8' for r in rows):  # the errors of stacked int8 layers add up
@@ -199,6 +201,16 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
     elif not outputs_close(out, ref, max(rtol, 1e-3), max(atol, 1e-4))[0]:
         warnings.warn("to_sparse_inference: the converted model's output differs from the original beyond tolerance")
     return m,pd.DataFrame(rows, columns=['layer', 'shape', 'sparsity', 'form', 'dense_ms', 'form_ms', 'speedup', 'error', 'note'])
+
+_FUSED = (nn.RNNBase, nn.MultiheadAttention)
+
+def _fused_row(k, l) -> dict:
+    "The report's row for a recurrent or attention module: left dense, and why"
+    ws = [p for _,p in l.named_parameters(recurse=False) if p.dim() >= 2]   # (attention's `out_proj` is its child)
+    numel = sum(p.numel() for p in ws)
+    return dict(layer=k, shape=tuple(ws[0].shape) if ws else (), sparsity=sum(int((p == 0).sum()) for p in ws)/numel if numel else 0.,
+                form='dense', dense_ms=math.nan, form_ms=math.nan, speedup=math.nan, error=0.,
+                note=f"dense: {type(l).__name__} runs its matrices inside one fused op; no CSR, 2:4 or int8 form replaces them")
 
 def _convert_layer(m, k, l, xin, forms, min_speedup, min_sparsity, n, warmup, rtol, atol, int8_tol) -> dict:
     "Measure layer `k` of `m` in each form that applies on its captured input `xin`; swap in the fastest if it pays"
