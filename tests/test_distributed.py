@@ -1,13 +1,14 @@
 """Sparse training under fastai's own distributed training: `learn.distrib_ctx()` (accelerate's DistributedDataParallel)
 in two CPU processes over gloo, started by `torchrun`, each rank initialised differently. For every kind of criterion
-(gradients: taylor; weight history: movement; activations: wanda; dense gradients for regrowth: RigL) both ranks must
+(gradients: taylor; weight history: movement; activations: wanda; dense gradients for regrowth: RigL; and taylor on an
+LSTM's gate matrices) both ranks must
 end with the same masks and weights, exact counts, masked weights at zero, a clock that ends where the sharded data
 ends, and a checkpoint saved by rank 0 must resume on both. The one shim fastai's CPU path needs is `tests/gloo_shim.py`."""
 import json, os, socket, subprocess, sys
 from pathlib import Path
 import pytest
 
-CASES = ['taylor', 'movement', 'wanda', 'rigl']
+CASES = ['taylor', 'movement', 'wanda', 'rigl', 'lstm_taylor']
 HERE = Path(__file__).parent
 
 def free_port():
@@ -28,7 +29,7 @@ def test_same_masks_and_weights_on_both_ranks(runs, case):
     r0, r1 = runs[case]
     assert r0['masks'] == r1['masks'] and r0['agree'] and r1['agree'], f"{case}: masks differ between ranks"
     assert r0['weights'] == r1['weights'], f"{case}: weights differ between ranks"
-    assert r0['wrapped_after'] == 'Sequential' and r0['keys']   # unwrapped after the fit, plain state dict
+    assert r0['wrapped_after'] in ('Sequential', 'SeqNet') and r0['keys']   # unwrapped after the fit, plain state dict
 
 @pytest.mark.parametrize('case', CASES)
 def test_exact_counts_and_masks_held(runs, case):
