@@ -2,17 +2,17 @@
 import hashlib, pickle, time, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
-from fastai.basics import Learner, Callback, Adam, SGD, OptimWrapper, CancelStepException, CrossEntropyLossFlat, accuracy, load_learner, set_seed
+from fastai.basics import Learner, Callback, Adam, SGD, OptimWrapper, CrossEntropyLossFlat, accuracy, load_learner, set_seed
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.to_fp16 / to_bf16)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastsparse.callback import SparsifyCallback
-from fastsparse.training import MaskedTraining, opt_states
 from fastsparse.schedule import lin, iterative, one_shot, agp, Schedule, sched_lin
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.nm import is_nm
 from cpu_amp import CPUMixedPrecision, CountSteps
+from masks_held import check_masks, CheckMasks
 
 def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
     set_seed(seed, reproducible=True)
@@ -31,21 +31,6 @@ class Trace(Callback):
     def after_epoch(self):
         cb = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback)][0]
         self.rows.append((self.epoch, mask_hash(cb.sparsifier), cb.current_sparsity()))
-
-def check_masks(cb):
-    "Masked weights and their optimizer state are exactly zero; count the check"
-    holder = [c for c in cb.learn.cbs if isinstance(c, MaskedTraining)][0]
-    for name, mask in holder.masks.items():
-        p = cb.learn.model.get_parameter(name)
-        assert (p[~mask] == 0).all(), name
-        for v in opt_states(cb.learn.opt, p): assert (v[~mask] == 0).all(), name
-    cb.n += 1
-
-class CheckMasks(Callback):
-    "After every optimizer step: masked weights and optimizer state are exactly zero"
-    order = SparsifyCallback.order + 1
-    def before_fit(self): self.n = 0
-    def after_step(self): check_masks(self)
 
 def test_resume_from_plain_sparse_weights_follows_the_schedule(tmp_path):
     "start_epoch=2 on the plain weights saved after epoch 1 (no checkpoint data): the counts follow the uninterrupted run's"
@@ -66,7 +51,7 @@ class ZerosHeld(Callback):
         self.n, self.counts = 0, []
         self.zero = {n: m.weight == 0 for n, m in self.learn.model.named_modules() if isinstance(m, nn.Conv2d)}
     def after_step(self):
-        check_masks(self)
+        check_masks(self.learn); self.n += 1
         mods = dict(self.learn.model.named_modules())
         for n, z in self.zero.items(): assert (mods[n].weight[z] == 0).all(), n
         self.counts.append({n: int((mods[n].weight == 0).sum()) for n in self.zero})

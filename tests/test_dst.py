@@ -2,7 +2,7 @@
 import math, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
-from fastai.basics import Learner, Callback, Adam, SGD, RAdam, Lamb, OptimWrapper, CancelStepException, CrossEntropyLossFlat, accuracy
+from fastai.basics import Learner, Callback, Adam, SGD, RAdam, Lamb, OptimWrapper, CrossEntropyLossFlat, accuracy
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.training import GradientAccumulation
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
@@ -13,6 +13,7 @@ from fastsparse.schedule import lin
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.dst import DynamicSparseCallback, erk_sparsities, random_masks, drop_and_grow
 from cpu_amp import CPUMixedPrecision, CountSteps
+from masks_held import SkipSteps
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
 
@@ -176,14 +177,6 @@ def test_sparse_model_keeps_its_zeros_as_masks():
         expected = torch.ones_like(w, dtype=torch.bool); expected[zeros[:k0]] = False  # (a regrown weight still at zero: lowest index first)
         assert torch.equal(dst_cb(b).masks[k].reshape(-1), expected), k
         assert torch.equal(b.model.get_parameter(k), sd[k]), k  # no trained weight was zeroed
-
-class SkipSteps(Callback):
-    "Cancel optimizer steps 3..7 as a grad scaler does on inf/NaN"
-    order = DynamicSparseCallback.order - 1
-    def before_fit(self): self.i = 0
-    def before_step(self):
-        self.i += 1
-        if 3 <= self.i <= 7: raise CancelStepException()
 
 def test_skipped_steps_do_not_count():
     cb = DynamicSparseCallback(0.9, 'rigl', update_every=4, stop_pct=1.)

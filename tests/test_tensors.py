@@ -11,7 +11,7 @@ from fastsparse.granularity import n_groups
 from fastsparse.criteria import large_final, random, large_init, movement, taylor, wanda
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
 from fastsparse.dst import DynamicSparseCallback, random_masks
-from fastsparse.training import MaskedTraining, opt_states
+from masks_held import CheckMasks
 from fastsparse.schedule import agp
 from fastsparse.demo import digits_dls
 
@@ -177,18 +177,6 @@ class SeqNet(nn.Module):
     def forward(self, x):
         out, _ = self.rnn(x.view(x.shape[0], 8, 8))
         return self.head(out[:, -1])
-
-class CheckMasks(Callback):
-    "After every optimizer step: masked weights and their Adam state are exactly zero"
-    order = MaskedTraining.order + 1
-    def before_fit(self): self.n = 0
-    def after_step(self):
-        cb = [c for c in self.learn.cbs if isinstance(c, MaskedTraining)][0]
-        for name, mask in cb.masks.items():
-            p = self.learn.model.get_parameter(name)
-            assert (p[~mask] == 0).all(), name
-            for v in opt_states(self.learn.opt, p): assert (v[~mask] == 0).all(), name
-        self.n += 1
 
 def lstm_learner(cbs=None):
     set_seed(0, reproducible=True)

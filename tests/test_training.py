@@ -4,18 +4,19 @@ skipped steps, gradient accumulation), `learn.export`, and a clean Learner howev
 import hashlib, pickle, time, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
-from fastai.basics import (Learner, Callback, Adam, SGD, RAdam, OptimWrapper, Optimizer, CancelStepException, CrossEntropyLossFlat,
+from fastai.basics import (Learner, Callback, Adam, SGD, RAdam, OptimWrapper, Optimizer, CrossEntropyLossFlat,
                            accuracy, load_learner, set_seed, ranger)
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
-from fastsparse.training import MaskedTraining, SparsityColumn, opt_states, step_can_move_zeros
+from fastsparse.training import MaskedTraining, SparsityColumn, step_can_move_zeros
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
 from fastsparse.dst import DynamicSparseCallback, random_masks
 from fastsparse.regularize import RegularizeCallback
 from fastsparse.schedule import lin
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from cpu_amp import CPUMixedPrecision, CountSteps
+from masks_held import masked, check_masks, CheckMasks, SkipSteps
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
 KINDS = {
@@ -30,7 +31,6 @@ def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
     model = model if model is not None else digits_cnn(8)
     return Learner(digits_dls(shuffle=shuffle), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
 
-def masked(learn): return [c for c in learn.cbs if isinstance(c, MaskedTraining)][0]
 def plain_keys(): return list(digits_cnn(8).state_dict())
 
 def mask_hash(masks):
@@ -38,24 +38,11 @@ def mask_hash(masks):
     for k in sorted(masks): h.update(k.encode()); h.update(masks[k].cpu().numpy().tobytes())
     return h.hexdigest()
 
-def check_masks(learn):
-    "Masked weights and their optimizer state are exactly zero"
-    for name, mask in masked(learn).masks.items():
-        p = learn.model.get_parameter(name)
-        assert (p[~mask] == 0).all(), name
-        for v in opt_states(learn.opt, p): assert (v[~mask] == 0).all(), name
-
 def exact(cb):
     "Every selected layer has exactly its target count of masked weights"
     sp = cb.sparsifier
     for n, m in sp.layers.items():
         assert int((~cb.masks[f'{n}.weight']).sum()) == round(sp.targets[n] * m.weight.numel()), n
-
-class CheckMasks(Callback):
-    "After every optimizer step (and after every batch): masked weights and optimizer state are exactly zero"
-    order = MaskedTraining.order + 1
-    def before_fit(self): self.n = 0
-    def after_step(self): check_masks(self.learn); self.n += 1
 
 class Trace(Callback):
     "Record, after every epoch, the mask hash and the clock"
@@ -100,14 +87,6 @@ def test_start_epoch_without_checkpoint_data_starts_the_clock_there(kind):
     learn.fit_one_cycle(4, 1e-2, start_epoch=2, cbs=[trace])
     n = len(learn.dls.train)
     assert [r[2] for r in trace.rows if r[0] >= 2] == [3 * n, 4 * n] and cb.clock == cb.total == 4 * n
-
-class SkipSteps(Callback):
-    "Cancel optimizer steps 3..7 as a grad scaler does on inf/NaN (the same exception, before our callback)"
-    order = MaskedTraining.order - 1
-    def before_fit(self): self.i = 0
-    def before_step(self):
-        self.i += 1
-        if 3 <= self.i <= 7: raise CancelStepException()
 
 @kinds
 def test_skipped_steps_do_not_move_the_clock(kind):
