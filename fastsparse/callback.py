@@ -269,6 +269,8 @@ class SparsifyCallback(MaskedTraining):
         self._restart_data = True  # gradients accumulate afresh from the next batch (activations do by themselves)
         self._last,self._frac = counts,frac
         self.masks_changed()
+        if sp.granularity == 'weight' and sp.nm is None and self.round_to is None and not isinstance(targets, dict):
+            self._sparsity_cache = sum(counts) / sum(self._groups.values())  # exact: the selection masks exactly these counts
         self.mask_opt_state()
         if self.lth: self._rewind_weights()
         sp_now = self.current_sparsity()

@@ -113,13 +113,51 @@ def _select_exact(score_fns:list, # per tensor, a `ScoreFn`
     return _cut_at(score_fns, _key_to_float(lo), k)
 
 # %% ../nbs/03a_select.ipynb #ee70fa33
+def _keep_held(s:Tensor, # 1-D float scores, all held
+               k:int, # how many to prune, 0 < k < s.numel()
+               sample_size:int, # most scores sampled to bracket the cut
+               cap:int, # most candidates held at once
+              ): # 1-D bool keep-mask, or None when the bracket cannot resolve the cut (the caller falls back)
+    "Keep-mask of one held tensor pruning exactly its `k` lowest scores: the sample's bracket, the k-th among the scores inside it, one compare"
+    N = s.numel()
+    step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
+    smp = s[::step].contiguous()
+    n_smp,q = smp.numel(),k/N
+    margin = 4*math.sqrt(n_smp*q*(1-q)) + 16
+    i_lo,i_hi = int(math.floor(q*n_smp - margin)),int(math.ceil(q*n_smp + margin))
+    lo = torch.kthvalue(smp, i_lo + 1).values.item() if i_lo >= 0 else -math.inf
+    hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf  # NaN sorts last
+    if lo == hi or math.isnan(hi): return None  # a block of equal scores spans the bracket (or NaN: the passes find it)
+    mid = torch.le(s, lo)
+    kk = k - int(torch.count_nonzero(mid))  # rank of the cut among the scores above `lo`
+    if kk <= 0: return None  # the cut is `lo` itself (a block of ties), or the bracket missed
+    mid = torch.lt(s, hi).logical_and_(mid.logical_not_())  # lo < score < hi (never NaN)
+    if N > cap and int(torch.count_nonzero(mid)) > cap: return None
+    cand = s.masked_select(mid)
+    if kk > cand.numel(): return None  # the cut is `hi` itself, or the bracket missed
+    t = torch.kthvalue(cand, kk).values  # the k-th smallest number
+    keep = torch.gt(s, t)
+    n_le = N - int(torch.count_nonzero(keep))  # numbers up to t, and any NaN (which compares false)
+    if n_le > k:  # beyond the k: scores equal to the cut (the last of them in position order stay), or NaN
+        eq = torch.eq(s, t).nonzero().squeeze(1)
+        n_lt = int(torch.count_nonzero(torch.lt(s, t)))
+        if n_lt + eq.numel() != n_le: _check_finite(s)
+        keep[eq[k - n_lt:]] = True
+    return keep
+
+def _fills(score_fns, buf, N) -> bool:
+    "Whether every score function can write its scores into the float32 CPU buffer `buf` of at least `N` entries"
+    return (buf is not None and buf.dtype == torch.float32 and buf.device.type == 'cpu' and buf.dim() == 1 and buf.numel() >= N
+            and all(getattr(f, 'f_out', None) is not None for f in score_fns))
+
 def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D float32 group scores
                 k:int, # number of groups to prune over all tensors
                 sample_fns:list=None, # per tensor, `f(step)` returning the scores at positions 0, step, 2*step...
                 sample_size:int=1<<20, # most scores sampled to bracket the cut
                 cap:int=None, # most candidates held at once (default: max(2^20, N/256))
                 small:int=1<<15, # up to this many scores in all, one `kthvalue` over all of them
-                hold:int=1<<22) -> list: # up to this many scores in all (over several tensors), held as one tensor
+                hold:int=1<<22, # up to this many scores in all (over several tensors), held as one tensor
+                buf:Tensor=None) -> list: # float32 CPU tensor reused to hold up to `hold` scores (no new memory at each call)
     "Boolean keep-masks (one per tensor) pruning exactly the `k` lowest scores overall, ties by position"
     if sample_fns is None: sample_fns = [None]*len(score_fns)
     sizes = [getattr(f, 'numel', None) for f in score_fns]
@@ -128,6 +166,13 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
     k = check_number(k, 'k', lo=0, hi=N, integer=True)
     if k == 0: return [torch.ones(n, dtype=torch.bool) for n in sizes]
     if k == N: return [torch.zeros(n, dtype=torch.bool) for n in sizes]
+    if N <= hold and _fills(score_fns, buf, N):  # every tensor writes its scores into `buf`: held there, one pass each
+        st = 0
+        for f in score_fns: f.f_out(buf[st:st+f.numel]); st += f.numel
+        flat = buf[:N]
+        keep = _keep_kth(flat, k) if N <= small else _keep_held(flat, k, sample_size, cap or max(1<<20, N >> 8))
+        if keep is None: keep = select_keep([ScoreFn(lambda: flat, N)], k, None, sample_size, cap, small, hold)[0]
+        return [keep] if len(sizes) == 1 else list(keep.split(sizes))
     if N <= small:  # small enough for one kthvalue over all the scores
         if len(score_fns) == 1: return [_keep_kth(score_fns[0]().reshape(-1), k)]
         return list(_keep_kth(torch.cat([f().reshape(-1) for f in score_fns]), k).split(sizes))
@@ -135,6 +180,10 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         return list(select_keep([ScoreFn(lambda: torch.cat([f().reshape(-1) for f in score_fns]), N)], k, None,
                                 sample_size, cap, small, hold)[0].split(sizes))
     held = score_fns[0]().reshape(-1) if len(score_fns) == 1 else None
+    cap = cap or max(1<<20, N >> 8)
+    if held is not None:
+        keep = _keep_held(held, k, sample_size, cap)
+        if keep is not None: return [keep]
     get = [lambda: held] if held is not None else list(score_fns)
     step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
     if held is not None: smp = held[::step]
@@ -149,14 +198,13 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
     if lo == hi:  # a block of equal scores spans the bracket: the cut is most likely that value
         keeps = _cut_at(get, lo, k)
         return keeps if keeps is not None else _select_exact(get, k)
-    cap = cap or max(1<<20, N >> 8)
     keeps,cand_s,cand_i,n_lo,n_cand = [],[],[],0,0
-    buf = torch.empty(max(sizes), dtype=torch.bool)  # reused by every tensor: no page faults for fresh memory
+    lebuf = torch.empty(max(sizes), dtype=torch.bool) if held is None else None  # reused by every tensor: no page faults for fresh memory
     sb = torch.empty(max(sizes)) if held is None and any(getattr(f, 'f_out', None) for f in score_fns) else None
     for li,f in enumerate(score_fns):
         if held is not None: s = held
         else: s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
-        le = torch.le(s, lo, out=buf[:s.numel()])
+        le = torch.le(s, lo) if lebuf is None else torch.le(s, lo, out=lebuf[:s.numel()])
         nl = int(torch.count_nonzero(le)); n_lo += nl
         ge = torch.ge(s, hi)
         keeps.append(ge)

@@ -20,7 +20,7 @@ from .calibrate import (calibrate, activation_source, accumulate_grad, track_act
 
 _logger = logging.getLogger(__name__)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer view of each float width
-_APPLY_CHUNK = 1 << 20  # entries masked per bitwise pass: bounds the buffer to a few MB
+_HOLD = 1 << 22  # up to this many scores, one update holds them in one buffer kept between updates (at most 16 MB)
 
 # %% auto #0
 __all__ = ['Sparsifier']
@@ -69,7 +69,7 @@ class Sparsifier:
         self.notes = {n: (f"tied: also {', '.join(t.aliases)}" if t.aliases else '') for n,t in tensors.items()}
         self.state = {n: {} for n in layers}
         self.n_updates = 0
-        self._nm_dims = {}
+        self._nm_dims,self._buf = {},None
         if nm is not None:
             for n,t in tensors.items():
                 lt = t.layout
@@ -162,20 +162,29 @@ class Sparsifier:
         numel = 1
         for d in group_shape(w.shape, dims): numel *= d
         c = self.criteria
-        f_out = None
-        if c.f is torch.abs and c.elementwise and not c.needs and not dims and c.normalizer is None and w.dtype == torch.float32 and w.device.type == 'cpu':
-            f_out = lambda out: torch.abs(w.detach().reshape(-1), out=out)  # magnitude straight into a reused buffer
-        f = ScoreFn(lambda: self.criteria.group_scores(w, dims, st).reshape(-1).cpu(), numel, f_out)
-        sf = None
+        f_out = sf = None
         if c.elementwise and not dims and c.normalizer is None:
-            sf = lambda step: c(w.detach().reshape(-1)[::step], st).cpu() + 0.0
+            wf = w.detach().reshape(-1)
+            sf = lambda step: c(wf[::step], st).cpu() + 0.0
+            if c.f is torch.abs and not c.needs and w.dtype == torch.float32 and w.device.type == 'cpu':
+                f_out = lambda out: torch.abs(wf, out=out)  # magnitude straight into a reused buffer
+        f = ScoreFn(lambda: self.criteria.group_scores(w, dims, st).reshape(-1).cpu(), numel, f_out)
         return f,sf
+
+    def _score_buf(self, fs) -> Tensor:
+        "A float32 buffer kept between updates for the scores of `fs`, when each can write into it and all are few enough to be held (`_HOLD`)"
+        n = sum(f.numel for f in fs)
+        if n > _HOLD or any(f.f_out is None for f in fs): return None
+        if self._buf is None or self._buf.numel() < n: self._buf = torch.empty(n)
+        return self._buf
 
     def _check_data(self, names):
         "Raise, naming the remedy, if the criteria needs state (gradients, activations, snapshots) that a layer lacks"
         c = self.criteria
+        needs = c.needs
+        if not needs: return
         for n in names:
-            for k in c.needs:
+            for k in needs:
                 if self.state[n].get(k) is None:
                     what = {'grad':'gradients','act':'activations'}.get(k)
                     if what: raise ValueError(f"criteria {c.name!r} needs {what}: pass Sparsifier(..., data=batches) or call "
@@ -187,10 +196,13 @@ class Sparsifier:
                   n:str, # a selected layer's name
                   keep_groups:Tensor): # bool keep-flag per group of the layer's granularity (any shape with that many)
         "Expand group keep-flags of layer `n` to a full mask, store it (keeping tensor identity) and zero BN after pruned filters"
-        dims,w = self.dims[n],self.tensors[n].weight
-        vs = self.view(n, w).shape
-        mask = keep_groups.to(w.device).view(group_shape(vs, dims)).expand(vs).reshape(w.shape)
-        self.store_mask(self.weight_name(n), mask)
+        dims,t = self.dims[n],self.tensors[n]
+        w = t.weight
+        if dims:
+            vs = self.view(n, w).shape
+            mask = keep_groups.to(w.device).view(group_shape(vs, dims)).expand(vs).reshape(w.shape)
+        else: mask = keep_groups.to(w.device).reshape(w.shape)  # a flag per weight, in the weight's order
+        self.store_mask(t.name, mask)
         if n in self.bn:
             m = self.layers[n]
             bn = self.model.get_submodule(self.bn[n])
@@ -204,9 +216,11 @@ class Sparsifier:
                    name:str, # qualified name of the masked tensor
                    mask:Tensor): # its mask (True = keep), same shape as the tensor
         "Store `mask` (as bool) under tensor `name`, updating the held mask in place when it has the same shape"
-        mask = mask.to(torch.bool).contiguous()
-        if name in self.masks and self.masks[name].shape == mask.shape: self.masks[name].data = mask
-        else: self.masks[name] = mask
+        mask = mask.to(torch.bool)
+        held = self.masks.get(name)
+        if held is None or held.shape != mask.shape: self.masks[name] = mask.contiguous()
+        elif held.device == mask.device and held.is_contiguous(): held.copy_(mask)  # in place: no new memory, views stay valid
+        else: held.data = mask.contiguous()
 
 
     def _after_update(self):
@@ -265,7 +279,7 @@ class Sparsifier:
             f,sf = self.layer_scores(n)
             k = round(s * f.numel)
             if round_to: k = round_keep(f.numel, k, round_to)
-            self.set_masks(n, select_keep([f], k, [sf])[0])
+            self.set_masks(n, select_keep([f], k, [sf], buf=self._score_buf([f]))[0])
         if _apply: self._after_update()
         return self
 
@@ -291,7 +305,7 @@ class Sparsifier:
             self._after_update(); return self
         fs,sfs = zip(*[self.layer_scores(n) for n in names])
         N = sum(f.numel for f in fs)
-        keeps = select_keep(list(fs), round(s * N), list(sfs))
+        keeps = select_keep(list(fs), round(s * N), list(sfs), buf=self._score_buf(fs))
         for n,f,keep in zip(names, fs, keeps):
             if round_to:
                 k = round_keep(f.numel, int((~keep).sum()), round_to)
@@ -304,26 +318,21 @@ class Sparsifier:
     @torch.no_grad()
     def apply_masks(self):
         "Zero every masked entry in place (weights, and BatchNorm gamma/beta after pruned filters), as +0.0 whatever it held"
-        bufs = {}  # per (integer dtype, device): one reused chunk of bit masks
-        size = min(_APPLY_CHUNK, max((m.numel() for m in self.masks.values()), default=0))
+        by_name = {t.name: t for t in self.tensors.values()}  # a selected tensor's parameter without a walk through the modules
         for name,mask in self.masks.items():
-            d = self.model.get_parameter(name).data
-            mask = mask.to(device=d.device)
+            t = by_name.get(name)
+            d = (t.weight if t is not None else self.model.get_parameter(name)).data
+            if mask.device != d.device: mask = mask.to(device=d.device)
             it = _INT_OF_SIZE.get(d.element_size())
             if it is None or d.is_complex() or not d.is_contiguous():
                 d.masked_fill_(torch.logical_not(mask), 0.); continue
-            # bitwise: a kept entry keeps its bits, a masked one gets all bits 0 (+0.0, even from NaN); ~10x faster than masked_fill
-            bits,m = d.view(-1).view(it),mask.reshape(-1)
-            b = bufs.get((it, d.device))
-            if b is None: b = bufs[(it, d.device)] = torch.empty(size, dtype=it, device=d.device)
-            for st in range(0, m.numel(), _APPLY_CHUNK):
-                mc = m[st:st+_APPLY_CHUNK]
-                bb = b[:mc.numel()].copy_(mc).neg_()   # True -> -1 (every bit set), False -> 0
-                bits[st:st+mc.numel()].bitwise_and_(bb)
-        for n,t in self.tensors.items():  # a weight recomputed from this one at each forward (WeightDropout): masked now too
-            mask = self.masks.get(t.name)
-            u = None if (t.used is None or mask is None) else getattr(*t.used, None)
-            if isinstance(u, Tensor) and u.shape == mask.shape: u.data.masked_fill_(torch.logical_not(mask.to(u.device)), 0.)
+            # the bits times 0 or 1: a kept entry keeps its bits, a masked one gets all bits 0 (+0.0, even from NaN), in one pass
+            d.view(it).mul_(mask.view(torch.int8))
+        for t in self.tensors.values():  # a weight recomputed from this one at each forward (WeightDropout): masked now too
+            if t.used is None: continue
+            mask,u = self.masks.get(t.name),getattr(*t.used, None)
+            if isinstance(u, Tensor) and mask is not None and u.shape == mask.shape:
+                u.data.masked_fill_(torch.logical_not(mask.to(u.device)), 0.)
         return self
 
     # --- reporting and saving

@@ -332,8 +332,11 @@ class MaskedTraining(Callback):
         "Zero the optimizer state at masked positions"
         opt = getattr(self.learn, 'opt', None)
         if opt is None: return
-        for p,m in self._pairs():
-            for v in opt_states(opt, p): v.mul_(m)
+        self._pairs()
+        vs,ms = [],[]
+        for p,m in zip(self._params, self._u8s):
+            for v in opt_states(opt, p): vs.append(v); ms.append(m)
+        if vs: torch._foreach_mul_(vs, ms)  # one call for every moment and buffer
     def mask_all(self):
         "Re-zero masked weights and the optimizer state at masked positions"
         self.mask_weights(); self.mask_opt_state()
