@@ -117,9 +117,12 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
                k:int, # how many to prune, 0 < k < s.numel()
                sample_size:int, # most scores sampled to bracket the cut
                cap:int, # most candidates held at once
-              ): # 1-D bool keep-mask, or None when the bracket cannot resolve the cut (the caller falls back)
+              ): # 1-D bool keep-mask, or None when more than `cap` scores fall inside the bracket (the caller goes chunk by chunk)
     "Keep-mask of one held tensor pruning exactly its `k` lowest scores: the sample's bracket, the k-th among the scores inside it, one compare"
     N = s.numel()
+    def at(v):  # the cut is `v` itself (a block of ties), or the bracket missed: resolve the ties at `v`, or bisect
+        keeps = _cut_at([lambda: s], v, k)
+        return keeps[0] if keeps is not None else _select_exact([ScoreFn(lambda: s, N)], k)[0]
     step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
     smp = s[::step].contiguous()
     n_smp,q = smp.numel(),k/N
@@ -127,14 +130,18 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
     i_lo,i_hi = int(math.floor(q*n_smp - margin)),int(math.ceil(q*n_smp + margin))
     lo = torch.kthvalue(smp, i_lo + 1).values.item() if i_lo >= 0 else -math.inf
     hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf  # NaN sorts last
-    if lo == hi or math.isnan(hi): return None  # a block of equal scores spans the bracket (or NaN: the passes find it)
-    mid = torch.le(s, lo)
-    kk = k - int(torch.count_nonzero(mid))  # rank of the cut among the scores above `lo`
-    if kk <= 0: return None  # the cut is `lo` itself (a block of ties), or the bracket missed
-    mid = torch.lt(s, hi).logical_and_(mid.logical_not_())  # lo < score < hi (never NaN)
+    if math.isnan(hi): _check_finite(s)
+    if lo == hi: return at(lo)  # a block of equal scores spans the bracket: the cut is most likely that value
+    le = torch.le(s, lo)
+    kk = k - int(torch.count_nonzero(le))  # rank of the cut among the scores above `lo`
+    if kk < 0: return at(lo)
+    if kk == 0:  # exactly the scores up to `lo`
+        if torch.isnan(s.sum()): _check_finite(s)  # a NaN compares false to `lo`: it would be kept unseen
+        return le.logical_not_()
+    mid = torch.lt(s, hi).logical_and_(le.logical_not_())  # lo < score < hi (never NaN)
     if N > cap and int(torch.count_nonzero(mid)) > cap: return None
     cand = s.masked_select(mid)
-    if kk > cand.numel(): return None  # the cut is `hi` itself, or the bracket missed
+    if kk > cand.numel(): return at(hi)
     t = torch.kthvalue(cand, kk).values  # the k-th smallest number
     keep = torch.gt(s, t)
     n_le = N - int(torch.count_nonzero(keep))  # numbers up to t, and any NaN (which compares false)

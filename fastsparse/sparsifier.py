@@ -20,6 +20,7 @@ from .calibrate import (calibrate, activation_source, accumulate_grad, track_act
 
 _logger = logging.getLogger(__name__)
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer view of each float width
+_APPLY_CHUNK = 1 << 20  # entries masked per pass
 _HOLD = 1 << 22  # up to this many scores, one update holds them in one buffer kept between updates (at most 16 MB)
 
 # %% auto #0
@@ -156,19 +157,21 @@ class Sparsifier:
                      n:str, # a selected layer's name
                     ) -> tuple:
         "Layer `n`'s 1-D float32 group scores as a `ScoreFn`, and a sampler of them for `select_keep` (or None)"
-        dims = self.dims[n]
-        st = self._state(n)
+        dims,c = self.dims[n],self.criteria
         w = self.view(n, self.tensors[n].weight)
-        numel = 1
-        for d in group_shape(w.shape, dims): numel *= d
-        c = self.criteria
+        numel = math.prod(group_shape(w.shape, dims)) if dims else w.numel()
+        st = None
+        def state():  # built when the scores are first computed (magnitude written into a buffer needs none)
+            nonlocal st
+            if st is None: st = self._state(n)
+            return st
         f_out = sf = None
         if c.elementwise and not dims and c.normalizer is None:
             wf = w.detach().reshape(-1)
-            sf = lambda step: c(wf[::step], st).cpu() + 0.0
+            sf = lambda step: c(wf[::step], state()).cpu() + 0.0
             if c.f is torch.abs and not c.needs and w.dtype == torch.float32 and w.device.type == 'cpu':
                 f_out = lambda out: torch.abs(wf, out=out)  # magnitude straight into a reused buffer
-        f = ScoreFn(lambda: self.criteria.group_scores(w, dims, st).reshape(-1).cpu(), numel, f_out)
+        f = ScoreFn(lambda: c.group_scores(w, dims, state()).reshape(-1).cpu(), numel, f_out)
         return f,sf
 
     def _score_buf(self, fs) -> Tensor:
@@ -326,8 +329,10 @@ class Sparsifier:
             it = _INT_OF_SIZE.get(d.element_size())
             if it is None or d.is_complex() or not d.is_contiguous():
                 d.masked_fill_(torch.logical_not(mask), 0.); continue
-            # the bits times 0 or 1: a kept entry keeps its bits, a masked one gets all bits 0 (+0.0, even from NaN), in one pass
-            d.view(it).mul_(mask.view(torch.int8))
+            # the bits times 0 or 1: a kept entry keeps its bits, a masked one gets all bits 0 (+0.0, even from NaN), in one pass;
+            # in chunks, as a large mixed-type product would first cast the whole mask to a fresh buffer
+            bits,m = d.view(-1).view(it),mask.reshape(-1).view(torch.int8)
+            for st in range(0, m.numel(), _APPLY_CHUNK): bits[st:st+_APPLY_CHUNK].mul_(m[st:st+_APPLY_CHUNK])
         for t in self.tensors.values():  # a weight recomputed from this one at each forward (WeightDropout): masked now too
             if t.used is None: continue
             mask,u = self.masks.get(t.name),getattr(*t.used, None)
