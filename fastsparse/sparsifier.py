@@ -332,6 +332,7 @@ class Sparsifier:
             # the bits times 0 or 1: a kept entry keeps its bits, a masked one gets all bits 0 (+0.0, even from NaN), in one pass;
             # in chunks, as a large mixed-type product would first cast the whole mask to a fresh buffer
             bits,m = d.view(-1).view(it),mask.reshape(-1).view(torch.int8)
+            if m.numel() <= _APPLY_CHUNK: bits.mul_(m); continue
             for st in range(0, m.numel(), _APPLY_CHUNK): bits[st:st+_APPLY_CHUNK].mul_(m[st:st+_APPLY_CHUNK])
         for t in self.tensors.values():  # a weight recomputed from this one at each forward (WeightDropout): masked now too
             if t.used is None: continue

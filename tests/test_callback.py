@@ -191,6 +191,29 @@ def test_updates_only_when_counts_change():
     learn.fit(3, 1e-3)
     assert len(cb2.history) == 3
 
+class MaskedShare(Callback):
+    "After every training batch: the share of the selected weights that the masks mask, counted from the masks"
+    order = SparsifyCallback.order + 1
+    def __init__(self): self.seen = []
+    def after_batch(self):
+        if not self.training: return
+        cb = [c for c in self.learn.cbs if isinstance(c, SparsifyCallback)][0]
+        sp = cb.sparsifier
+        ms = [sp.masks[sp.weight_name(n)] for n in sp.layers]
+        self.seen.append(sum(int((~m).sum()) for m in ms) / sum(m.numel() for m in ms))
+
+@pytest.mark.parametrize('context', ['local', 'global'])
+def test_history_sparsity_is_the_masks(context):
+    # the sparsity an update records (read from its exact counts) is the share the masks hold, at every update
+    share = MaskedShare()
+    cb = SparsifyCallback(0.9, 'weight', context, schedule=agp, layer_type=(nn.Conv2d, nn.Linear))
+    learn = learner(cbs=[cb, share])
+    learn.fit(2, 1e-3)
+    steps = {h['step']: h['sparsity'] for h in cb.history}
+    assert len(steps) > 20 and cb.history[-1]['sparsity'] == pytest.approx(0.9, abs=1e-3)
+    for step, sparsity in steps.items(): assert sparsity == share.seen[step - 1], step
+    assert cb.current_sparsity() == share.seen[-1]
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(sparsity=1.5e2), 'out of range'),
     (dict(sparsity=float('nan')), 'NaN'),
