@@ -606,6 +606,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastsparse.tensors.resolve_layer': ('tensors.html#resolve_layer', 'fastsparse/tensors.py'),
                                     'fastsparse.tensors.select_layers': ('tensors.html#select_layers', 'fastsparse/tensors.py'),
                                     'fastsparse.tensors.select_tensors': ('tensors.html#select_tensors', 'fastsparse/tensors.py'),
+                                    'fastsparse.tensors.tensors_named': ('tensors.html#tensors_named', 'fastsparse/tensors.py'),
                                     'fastsparse.tensors.unreached_tensors': ('tensors.html#unreached_tensors', 'fastsparse/tensors.py'),
                                     'fastsparse.tensors.weight_name': ('tensors.html#weight_name', 'fastsparse/tensors.py')},
             'fastsparse.training': { 'fastsparse.training.Learner.sparsity_report': ( 'training.html#learner.sparsity_report',

@@ -11,7 +11,7 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
 from .sparsifier import Sparsifier
-from .tensors import select_tensors, weight_name
+from .tensors import select_tensors, weight_name, tensors_named
 from .checks import as_fraction, check_layer_type, check_choice, check_unit, check_number
 from .training import MaskedTraining, opt_states, unwrap_model
 
@@ -86,12 +86,13 @@ def _gen(seed:int, step:int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % (1 << 63))
 
 def _layer_targets(layers:dict, sparsity, distribution:str) -> dict:
-    "{layer_name: sparsity} for a number (uniform or ERK) or a dict of per-layer targets"
+    "{tensor key: sparsity} over `layers` (`{key: WeightTensor}`) for a number (uniform or ERK) or a dict of targets"
     if isinstance(sparsity, dict):
         if distribution != 'uniform':
             raise ValueError(f"distribution={distribution!r} allocates one overall sparsity; with a per-layer dict leave "
                              "distribution='uniform' (or build the dict with erk_sparsities)")
-        return {n: as_fraction(v, f"sparsity[{n!r}]") for n,v in sparsity.items()}
+        # a module's name stands for each of its selected tensors (an LSTM's gate matrices)
+        return {n: as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items() for n in tensors_named(layers, k)}
     s = as_fraction(sparsity)
     return erk_sparsities(layers, s) if distribution == 'erk' else {n: s for n in layers}
 
@@ -196,7 +197,7 @@ class DynamicSparseCallback(MaskedTraining):
         self.sparsifier = sp = Sparsifier(model, 'weight', 'local', layer_type=None if d else self.layer_type,
                                           params=None if d else self.params, include=list(self.sparsity) if d else self.include,
                                           exclude=self.exclude, seed=self.seed)
-        targets = _layer_targets(sp.layers, self.sparsity, self.distribution)
+        targets = _layer_targets(sp.tensors, self.sparsity, self.distribution)
         sp.targets.update(targets)
         names = [sp.weight_name(n) for n in sp.layers]
         keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names

@@ -14,7 +14,7 @@ from .granularity import granularity_dims, group_shape, get_layout
 from .criteria import get_criteria, large_final, available_criteria
 from .nm import parse_nm, nm_mask_gradual
 from .select import select_keep, ScoreFn, round_keep
-from .tensors import select_tensors, find_bn_after, resolve_layer, weight_name, match_name
+from .tensors import select_tensors, find_bn_after, resolve_layer, weight_name, tensors_named
 from .calibrate import (calibrate, activation_source, accumulate_grad, track_activations, finish_activations, dist_active,
                                   sync_state, broadcast_masks)
 
@@ -241,10 +241,7 @@ class Sparsifier:
                 m, # a tensor's key or qualified name, a module's name or glob pattern, or a module
                ) -> list:
         "The keys of the selected tensors that `m` names: itself, or every selected tensor of a module"
-        if isinstance(m, str) and m in self.tensors: return [m]
-        if isinstance(m, str):
-            hits = [n for n,t in self.tensors.items() if match_name(t.name, [m]) or match_name(t.module_name, [m])
-                    or match_name(t.owner_name, [m]) or any(match_name(a, [m]) for a in t.aliases)]
+        if isinstance(m, str): hits = tensors_named(self.tensors, m)
         else: hits = [n for n,t in self.tensors.items() if m is t.module or m is t.owner or m is self.layers[n]]
         return hits or [resolve_layer(self.layers, m)]  # none: the error that lists the selected ones
 

@@ -14,7 +14,7 @@ from .granularity import get_layout, tensor_layout
 
 # %% auto #0
 __all__ = ['weight_name', 'match_name', 'select_layers', 'WeightTensor', 'model_tensors', 'unreached_tensors', 'select_tensors',
-           'resolve_layer', 'find_bn_after']
+           'tensors_named', 'resolve_layer', 'find_bn_after']
 
 # %% ../nbs/03b_tensors.ipynb #5a8e83dc
 def weight_name(layer_name:str, # qualified name of a module ('' for the model itself)
@@ -200,6 +200,14 @@ def select_tensors(model:nn.Module, # the model to search
     return res
 
 # %% ../nbs/03b_tensors.ipynb #8d24e362
+def tensors_named(tensors:dict, # the selected tensors, `{key: WeightTensor}`
+                  m:str, # a tensor's key or qualified name (or an alias), or a module's name or glob pattern
+                 ) -> list: # the keys of the tensors `m` names (empty if none)
+    "The keys of the selected tensors that the name `m` stands for: that tensor, or every selected tensor of a module"
+    if m in tensors: return [m]
+    return [n for n,t in tensors.items() if match_name(t.name, [m]) or match_name(t.module_name, [m])
+            or match_name(t.owner_name, [m]) or any(match_name(a, [m]) for a in t.aliases)]
+
 def resolve_layer(layers:dict, # the selected layers, `{name: module}`
                   m, # a selected module, or its name
                  ) -> str: # the layer's name

@@ -217,6 +217,19 @@ def test_other_callbacks_on_lstm(kind):
     for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(0.7 * t.weight.numel()), n
     SeqNet(32).load_state_dict(learn.model.state_dict(), strict=True)
 
+def test_dst_dict_naming_a_module():
+    "A DST target dict may name a module: each of its weight tensors gets that target (a tensor's own entry wins)"
+    net = SeqNet(32)
+    cb, chk = DynamicSparseCallback({'rnn': 0.6, 'rnn.weight_hh_l0': 0.8, 'head': 0.5}, 'set', update_every=5), CheckMasks()
+    set_seed(0, reproducible=True)
+    learn = Learner(digits_dls(), net, loss_func=CrossEntropyLossFlat(), opt_func=Adam, metrics=accuracy, cbs=[cb, chk])
+    learn.fit(1, 1e-2)
+    assert chk.n == len(learn.dls.train) and cb.history
+    sp = cb.sparsifier
+    want = {'rnn.weight_ih_l0': 0.6, 'rnn.weight_hh_l0': 0.8, 'head': 0.5}
+    assert set(sp.tensors) == set(want)
+    for n, t in sp.tensors.items(): assert int((~sp.masks[t.name]).sum()) == round(want[n] * t.weight.numel()), n
+
 def test_lstm_resume_mid_schedule(tmp_path):
     "A checkpoint saved mid-schedule resumes the same trajectory: same masks and weights at the end"
     from fastai.callback.tracker import SaveModelCallback
