@@ -113,6 +113,23 @@ def _select_exact(score_fns:list, # per tensor, a `ScoreFn`
     return _cut_at(score_fns, _key_to_float(lo), k)
 
 # %% ../nbs/03a_select.ipynb #ee70fa33
+def _step(N:int, # scores in all
+          sample_size:int, # most scores sampled
+         ) -> int: # the sample's stride: about (2N)^(2/3) scores, at most `sample_size`
+    "Stride of the strided sample that brackets the cut"
+    return max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
+
+def _bracket(smp:Tensor, # 1-D sample of the scores
+             q:float, # the cut's rank as a fraction of all scores
+            ) -> tuple: # (lo, hi): scores around the cut, four standard deviations of the sample's rank on each side
+    "A bracket `[lo, hi]` that holds the cut at rank `q` with overwhelming probability, from two `kthvalue`s over the sample"
+    n_smp = smp.numel()
+    margin = 4*math.sqrt(n_smp*q*(1-q)) + 16
+    i_lo,i_hi = int(math.floor(q*n_smp - margin)),int(math.ceil(q*n_smp + margin))
+    lo = torch.kthvalue(smp, i_lo + 1).values.item() if i_lo >= 0 else -math.inf
+    hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf
+    return lo,hi
+
 def _keep_held(s:Tensor, # 1-D float scores, all held
                k:int, # how many to prune, 0 < k < s.numel()
                sample_size:int, # most scores sampled to bracket the cut
@@ -123,14 +140,8 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
     def at(v):  # the cut is `v` itself (a block of ties), or the bracket missed: resolve the ties at `v`, or bisect
         keeps = _cut_at([lambda: s], v, k)
         return keeps[0] if keeps is not None else _select_exact([ScoreFn(lambda: s, N)], k)[0]
-    step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
-    smp = s[::step].contiguous()
-    n_smp,q = smp.numel(),k/N
-    margin = 4*math.sqrt(n_smp*q*(1-q)) + 16
-    i_lo,i_hi = int(math.floor(q*n_smp - margin)),int(math.ceil(q*n_smp + margin))
-    lo = torch.kthvalue(smp, i_lo + 1).values.item() if i_lo >= 0 else -math.inf
-    hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf  # NaN sorts last
-    if math.isnan(hi): _check_finite(s)
+    lo,hi = _bracket(s[::_step(N, sample_size)].contiguous(), k/N)
+    if math.isnan(hi): _check_finite(s)  # NaN sorts last
     if lo == hi: return at(lo)  # a block of equal scores spans the bracket: the cut is most likely that value
     le = torch.le(s, lo)
     kk = k - int(torch.count_nonzero(le))  # rank of the cut among the scores above `lo`
@@ -192,15 +203,11 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         keep = _keep_held(held, k, sample_size, cap)
         if keep is not None: return [keep]
     get = [lambda: held] if held is not None else list(score_fns)
-    step = max(1, N // max(1, min(sample_size, int((2*N) ** (2/3)))))
+    step = _step(N, sample_size)
     if held is not None: smp = held[::step]
     else: smp = torch.cat([sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)])
     _check_finite(smp)
-    n_smp,q = smp.numel(),k/N
-    margin = 4*math.sqrt(n_smp*q*(1-q)) + 16
-    i_lo,i_hi = int(math.floor(q*n_smp - margin)),int(math.ceil(q*n_smp + margin))
-    lo = torch.kthvalue(smp, i_lo + 1).values.item() if i_lo >= 0 else -math.inf
-    hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf
+    lo,hi = _bracket(smp, k/N)
     del smp
     if lo == hi:  # a block of equal scores spans the bracket: the cut is most likely that value
         keeps = _cut_at(get, lo, k)
