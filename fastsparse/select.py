@@ -134,7 +134,7 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
                k:int, # how many to prune, 0 < k < s.numel()
                sample_size:int, # most scores sampled to bracket the cut
                cap:int, # most candidates held at once
-              ): # 1-D bool keep-mask, or None when more than `cap` scores fall inside the bracket (the caller goes chunk by chunk)
+              ) -> Tensor: # 1-D bool keep-mask
     "Keep-mask of one held tensor pruning exactly its `k` lowest scores: the sample's bracket, the k-th among the scores inside it, one compare"
     N = s.numel()
     def at(v):  # the cut is `v` itself (a block of ties), or the bracket missed: resolve the ties at `v`, or bisect
@@ -150,7 +150,9 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
         if torch.isnan(s.sum()): _check_finite(s)  # a NaN compares false to `lo`: it would be kept unseen
         return le.logical_not_()
     mid = torch.lt(s, hi).logical_and_(le.logical_not_())  # lo < score < hi (never NaN)
-    if N > cap and int(torch.count_nonzero(mid)) > cap: return None
+    if N > cap and (n_mid := int(torch.count_nonzero(mid))) > cap:  # too many to gather: bisect instead
+        _logger.info(f"select_keep: {n_mid} candidates, more than cap={cap}; exact fallback")
+        return _select_exact([ScoreFn(lambda: s, N)], k)[0]
     cand = s.masked_select(mid)
     if kk > cand.numel(): return at(hi)
     t = torch.kthvalue(cand, kk).values  # the k-th smallest number
@@ -184,28 +186,19 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
     k = check_number(k, 'k', lo=0, hi=N, integer=True)
     if k == 0: return [torch.ones(n, dtype=torch.bool) for n in sizes]
     if k == N: return [torch.zeros(n, dtype=torch.bool) for n in sizes]
-    if N <= hold and _fills(score_fns, buf, N):  # every tensor writes its scores into `buf`: held there, one pass each
-        st = 0
-        for f in score_fns: f.f_out(buf[st:st+f.numel]); st += f.numel
-        flat = buf[:N]
-        keep = _keep_kth(flat, k) if N <= small else _keep_held(flat, k, sample_size, cap or max(1<<20, N >> 8))
-        if keep is None: keep = select_keep([ScoreFn(lambda: flat, N)], k, None, sample_size, cap, small, hold)[0]
-        return [keep] if len(sizes) == 1 else list(keep.split(sizes))
-    if N <= small:  # small enough for one kthvalue over all the scores
-        if len(score_fns) == 1: return [_keep_kth(score_fns[0]().reshape(-1), k)]
-        return list(_keep_kth(torch.cat([f().reshape(-1) for f in score_fns]), k).split(sizes))
-    if len(score_fns) > 1 and N <= hold:  # held as one tensor: one pass over it, the masks split from one
-        return list(select_keep([ScoreFn(lambda: torch.cat([f().reshape(-1) for f in score_fns]), N)], k, None,
-                                sample_size, cap, small, hold)[0].split(sizes))
-    held = score_fns[0]().reshape(-1) if len(score_fns) == 1 else None
     cap = cap or max(1<<20, N >> 8)
-    if held is not None:
-        keep = _keep_held(held, k, sample_size, cap)
-        if keep is not None: return [keep]
-    get = [lambda: held] if held is not None else list(score_fns)
+    if len(score_fns) == 1 or N <= hold:  # held as one tensor: one pass over it, the masks split from one
+        if N <= hold and _fills(score_fns, buf, N):  # every tensor writes its scores into `buf`: no new memory
+            st = 0
+            for f in score_fns: f.f_out(buf[st:st+f.numel]); st += f.numel
+            held = buf[:N]
+        else: held = score_fns[0]().reshape(-1) if len(score_fns) == 1 else torch.cat([f().reshape(-1) for f in score_fns])
+        keep = _keep_kth(held, k) if N <= small else _keep_held(held, k, sample_size, cap)
+        return [keep] if len(sizes) == 1 else list(keep.split(sizes))
+    # several tensors, too many scores to hold: never more than one tensor's scores at a time
+    get = list(score_fns)
     step = _step(N, sample_size)
-    if held is not None: smp = held[::step]
-    else: smp = torch.cat([sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)])
+    smp = torch.cat([sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)])
     _check_finite(smp)
     lo,hi = _bracket(smp, k/N)
     del smp
@@ -213,12 +206,11 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         keeps = _cut_at(get, lo, k)
         return keeps if keeps is not None else _select_exact(get, k)
     keeps,cand_s,cand_i,n_lo,n_cand = [],[],[],0,0
-    lebuf = torch.empty(max(sizes), dtype=torch.bool) if held is None else None  # reused by every tensor: no page faults for fresh memory
-    sb = torch.empty(max(sizes)) if held is None and any(getattr(f, 'f_out', None) for f in score_fns) else None
+    lebuf = torch.empty(max(sizes), dtype=torch.bool)  # reused by every tensor: no page faults for fresh memory
+    sb = torch.empty(max(sizes)) if any(getattr(f, 'f_out', None) for f in score_fns) else None
     for li,f in enumerate(score_fns):
-        if held is not None: s = held
-        else: s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
-        le = torch.le(s, lo) if lebuf is None else torch.le(s, lo, out=lebuf[:s.numel()])
+        s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
+        le = torch.le(s, lo, out=lebuf[:s.numel()])
         nl = int(torch.count_nonzero(le)); n_lo += nl
         ge = torch.ge(s, hi)
         keeps.append(ge)
