@@ -49,6 +49,7 @@ from fastai.callback.progress import ProgressCallback
 from fastsparse.demo import digits_dls, digits_cnn
 from fastsparse.callback import SparsifyCallback
 from fastsparse.schedule import agp
+from fastsparse.sparse_training import GradualPruning
 
 class Alternate(Callback):
     "From epoch `steady_from` on, run each training batch as dense, fastsparse or fasterai, in a fresh random order every round; time each batch"
@@ -96,21 +97,19 @@ _BATCH_EVENTS = set("before_batch after_pred after_loss before_backward after_ba
                     "after_cancel_step after_batch".split())
 _SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".split())  # inside the post-backward span
 
-class AtFasteraiCounts(SparsifyCallback):
-    "fastsparse, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
-    _pos = 0.  # a class default: a Callback hands unknown attributes on to the Learner
-    def _maybe_update(self, pos):
+class AtFasteraiCounts(GradualPruning):
+    "fastsparse's gradual pruning, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
+    _pos = 0.
+    def update(self, st, pos):
         self._pos = pos  # fraction of training done: fasterai's `pct_train` at the next batch
-        return super()._maybe_update(pos)
-    def _targets_at(self, frac):
+        return super().update(st, pos)
+    def targets_at(self, frac):
         from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
         progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(min(1., self._pos), 3))  # our window
         # fasterai: threshold = kthvalue(k), k = max(1, int(s*n)); keeps scores >= threshold, so prunes k - 1
         if self.context == 'global':  # one threshold over all layers' scores: n is every selected weight
-            N = sum(self._groups.values())
-            return (max(1, int(self.targets * progress * N)) - 1) / N
-        targets = self.targets if isinstance(self.targets, dict) else {n: self.targets for n in self._groups}
-        return {n: (max(1, int(t * progress * self._groups[n])) - 1) / self._groups[n] for n,t in targets.items()}
+            return (max(1, int(self.sparsity * progress * self._G)) - 1) / self._G
+        return {n: (max(1, int(t * progress * self._groups[n])) - 1) / self._groups[n] for n,t in self.targets.items()}
 
 def conv_zeros(model):
     return {n: int((m.weight == 0).sum()) for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -142,8 +141,9 @@ def run(method, sparsity, seed, a):
     if context == 'global' and isinstance(sparsity, dict): raise ValueError("--first-dense gives per-layer targets, which need the local context")
     cb = None
     if method in ('fastsparse', 'matched'):
-        cls = AtFasteraiCounts if method == 'matched' else SparsifyCallback
-        cb = cls(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
+        cb = SparsifyCallback(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
+        if method == 'matched':  # the same callback with the counts of fasterai
+            cb.policy = AtFasteraiCounts(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
     elif method == 'fasterai': cb = _fasterai_cb(sparsity, context)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[cb] if cb else [])
     _fit(learn, a)

@@ -15,6 +15,7 @@ from .select import *
 from .tensors import *
 from .calibrate import *
 from .sparsifier import *
+from .sparse_training import *
 from .training import *
 from .callback import *
 from .sensitivity import *

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['as_fraction', 'check_number', 'check_pos_int', 'check_unit', 'check_pct', 'did_you_mean', 'check_choice',
-           'check_layer_type', 'check_round_to']
+           'check_layer_type', 'check_round_to', 'check_model']
 
 # %% ../nbs/00a_checks.ipynb #1d157dc8
 def as_fraction(s, # a fraction in [0, 1], a percentage in (1, 100], or a one-element tensor holding one
@@ -104,3 +104,15 @@ def check_round_to(round_to, # None, or a positive integer
     if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to <= 0:
         raise ValueError(f"round_to={round_to!r} must be a positive integer (number of groups) or None")
     return int(round_to)
+
+# %% ../nbs/00a_checks.ipynb #5e769b4a
+def check_model(model, # the value passed as a model
+                name:str='model', # the argument's name, used in error messages
+               ):
+    "`model` if it is an `nn.Module` whose parameters hold values (none on the `meta` device)"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}: {repr(model)[:60]}")
+    meta = [n for n,p in model.named_parameters() if p.is_meta]
+    if meta: raise ValueError(f"{name} has {len(meta)} parameters on the 'meta' device ({', '.join(meta[:3])}, ...), which hold no "
+                              f"values to score or mask; give it values first, e.g. `{name}.to_empty(device='cpu')` then load its weights")
+    return model

@@ -12,7 +12,7 @@ from fastcore.basics import store_attr
 # %% auto #0
 __all__ = ['reducers', 'normalizers', 'large_final', 'small_final', 'large_init', 'small_init', 'large_init_large_final',
            'small_init_small_final', 'magnitude_increase', 'movement', 'updating_magnitude_increase',
-           'updating_movement', 'updating_movmag', 'taylor', 'wanda', 'random', 'criterias', 'Criteria',
+           'updating_movement', 'updating_movmag', 'taylor', 'wanda', 'random_scores', 'criterias', 'Criteria',
            'RandomCriteria', 'available_criteria', 'register_criteria', 'get_criteria']
 
 # %% ../nbs/01_criteria.ipynb #63258e17
@@ -129,10 +129,10 @@ class RandomCriteria(Criteria):
         else: g.manual_seed(int(seed) % (2**63 - 1))
         return torch.rand(w.shape, generator=g).to(w.device)
 
-random = RandomCriteria()
+random_scores = RandomCriteria()
 
 # %% ../nbs/01_criteria.ipynb #e2fc60cd
-criterias = {c.name: c for c in [large_final, small_final, random, large_init, small_init, large_init_large_final,
+criterias = {c.name: c for c in [large_final, small_final, random_scores, large_init, small_init, large_init_large_final,
              small_init_small_final, magnitude_increase, movement, updating_magnitude_increase, updating_movement,
              updating_movmag, taylor, wanda]}
 

@@ -104,6 +104,7 @@ def main(out:str='demo_out', # folder for the report, plots and weights
     "Train a small CNN on digits with SparsifyCallback and write the report and plots to `out`"
     from fastsparse.callback import SparsifyCallback
     from fastsparse.schedule import agp
+    from fastsparse.report import plot_layer_sparsity, plot_history
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -113,8 +114,8 @@ def main(out:str='demo_out', # folder for the report, plots and weights
     learn.fit_one_cycle(epochs, lr)
     rep = cb.sparsity_report()
     rep.to_csv(out/'sparsity_report.csv', index=False)
-    cb.plot().savefig(out/'layer_sparsity.png', dpi=100)
-    cb.plot_history().savefig(out/'sparsity_history.png', dpi=100)
+    plot_layer_sparsity(cb).savefig(out/'layer_sparsity.png', dpi=100)
+    plot_history(cb).savefig(out/'sparsity_history.png', dpi=100)
     torch.save(learn.model.state_dict(), out/'model.pth')
     acc = float(learn.validate()[1])
     tot = rep.iloc[-1]

@@ -8,18 +8,16 @@ import logging, math, numbers, warnings
 import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
-import matplotlib.pyplot as plt
 from fastcore.basics import store_attr
 from .sparsifier import Sparsifier
 from .tensors import select_tensors, weight_name, tensors_named
 from .checks import as_fraction, check_layer_type, check_choice, check_unit, check_number
-from .training import MaskedTraining, opt_states, unwrap_model
+from .sparse_training import MaskPolicy, opt_states, check_update_every
 
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['distributions', 'regrow_methods', 'N_UPDATES', 'erk_sparsities', 'random_masks', 'drop_and_grow',
-           'DynamicSparseCallback']
+__all__ = ['distributions', 'regrow_methods', 'N_UPDATES', 'erk_sparsities', 'random_masks', 'drop_and_grow', 'DynamicSparse']
 
 # %% ../nbs/08_dst.ipynb #ef054ee1
 def _layers_of(model_or_layers, layer_type, include, exclude) -> dict:
@@ -151,12 +149,13 @@ def drop_and_grow(mask:Tensor, # bool mask of one weight tensor, True = active (
 regrow_methods = ('rigl', 'set')
 N_UPDATES = 20  # updates over the window when `update_every` is None
 
-class DynamicSparseCallback(MaskedTraining):
-    "Train sparse from the first step, moving connections every `update_every` batches (SET or RigL) at constant sparsity"
+class DynamicSparse(MaskPolicy):
+    "Sparse from the first step: every `update_every` steps, drop and regrow a decaying fraction of connections (SET or RigL)"
+    _transient = {'_grads': lambda: None, '_last': lambda: None, '_grown': dict}
     def __init__(self,
                  sparsity, # overall target: fraction, percentage in (1, 100], or {layer_name: target}
                  regrow:str='rigl', # 'rigl': regrow where the dense gradient is largest; 'set': at random
-                 update_every:int=None, # batches of the training clock between two updates; None: about 20 updates over the first `stop_pct` of the fit
+                 update_every:int=None, # steps of the clock between two updates; None: about 20 updates over the first `stop_pct` of training
                  fraction:float=0.3, # fraction of each layer's active weights moved at the first update, in (0, 1]
                  stop_pct:float=0.75, # no update from this fraction of training on, in (0, 1]
                  distribution:str='uniform', # per-layer allocation of one `sparsity`: 'uniform' or 'erk'
@@ -172,141 +171,119 @@ class DynamicSparseCallback(MaskedTraining):
         regrow = check_choice(regrow, regrow_methods, 'regrow')
         distribution = check_choice(distribution, distributions, 'distribution')
         if isinstance(sparsity, dict) and distribution != 'uniform': _layer_targets({}, sparsity, distribution)
-        if update_every == 'epoch': raise ValueError("update_every='epoch' is not available here: give a positive integer (batches) or None")
+        if update_every is not None: check_update_every(update_every, allow_epoch=False)
         fraction,stop_pct = check_unit(fraction, 'fraction'),check_unit(stop_pct, 'stop_pct')
         check_layer_type(layer_type)
         if isinstance(seed, bool) or not isinstance(seed, int): raise TypeError(f"seed must be an integer, got {seed!r}")
-        super().__init__(1 if update_every is None else update_every)
-        self.update_every = update_every
-        store_attr('sparsity,regrow,fraction,stop_pct,distribution,layer_type,params,include,exclude,seed')
-        self.history,self.every = [],None
-
-    def _init_state(self):
-        super()._init_state(); self._model,self._last_masks,self._grown = None,None,{}
-
-    _stateattrs = MaskedTraining._stateattrs + ('_model', '_last_masks', '_grown')
+        store_attr('sparsity,regrow,update_every,fraction,stop_pct,distribution,layer_type,params,include,exclude,seed')
+        self.history,self.every,self._last,self._grads,self._grown = [],None,None,None,{}
 
     def __repr__(self):
-        return (f"DynamicSparseCallback(sparsity={self.sparsity}, regrow={self.regrow!r}, update_every={self.update_every}, "
+        return (f"DynamicSparse(sparsity={self.sparsity}, regrow={self.regrow!r}, update_every={self.update_every}, "
                 f"fraction={self.fraction}, stop_pct={self.stop_pct}, distribution={self.distribution!r})")
 
-    def setup(self):
-        "Select the layers and make the first masks (random, or a sparse model's zeros; a later fit keeps the last ones)"
-        model = unwrap_model(self.learn.model)
+    def build(self, st) -> Sparsifier:
+        "Select the tensors and make the first masks: random, or a sparse model's zeros; a later run on the same model keeps the last ones"
         d = isinstance(self.sparsity, dict)
-        self.sparsifier = sp = Sparsifier(model, 'weight', 'local', layer_type=None if d else self.layer_type,
-                                          params=None if d else self.params, include=list(self.sparsity) if d else self.include,
-                                          exclude=self.exclude, seed=self.seed)
+        sp = Sparsifier(st.model, 'weight', 'local', layer_type=None if d else self.layer_type, params=None if d else self.params,
+                        include=list(self.sparsity) if d else self.include, exclude=self.exclude, seed=self.seed)
         targets = _layer_targets(sp.tensors, self.sparsity, self.distribution)
         sp.targets.update(targets)
-        names = [sp.weight_name(n) for n in sp.layers]
-        keep = self._model is model and self._last_masks is not None and list(self._last_masks) == names
-        sp.masks.update(self._last_masks if keep else _initial_masks(sp.layers, targets, self.seed, sp.weight_name))
-        self._model,self._last_masks,self._grads,self._grown,self.history = model,sp.masks,None,{},[]
-        self.every = None   # the update interval of this fit, fixed when its length is known (`before_train`)
+        names = [t.name for t in sp.tensors.values()]
+        last = self._last
+        keep = last is not None and last[0] is st.model and list(last[1]) == names
+        masks = last[1] if keep else _initial_masks(sp.tensors, targets, self.seed, lambda n: sp.tensors[n].name)
+        for name,m in masks.items(): sp.store_mask(name, m)
+        sp.apply_masks()
+        self.every,self._grads,self._grown,self.history = None,None,{},[]
+        return sp
+
+    def on_total(self, st):
+        "At the first known length of training, fix the update interval (`update_every`, or about 20 updates over the window)"
+        if self.every is not None: return
+        window = self.stop_pct * st.total
+        self.every = max(1, round(window / N_UPDATES)) if self.update_every is None else self.update_every
+        if self.every >= window: warnings.warn(
+            f"update_every={self.update_every} is not shorter than the window of updates ({window:g} of the fit's {st.total} "
+            f"training batches: stop_pct={self.stop_pct}): no connection moves in this fit, which trains a fixed random mask. "
+            f"Leave update_every=None ({N_UPDATES} updates over the window) or give fewer batches")
 
     def fraction_at(self,
-                    step:int, # training batches done, counting the current one (the callback's clock)
-                    total:int, # training batches in the whole fit
+                    step:int, # steps done, counting the current one (the clock)
+                    total:int, # steps in the whole training
                    )->float: # fraction of active weights moved by an update at `step`, 0 from `stop_pct` on
         "Cosine-decayed fraction `fraction * (1 + cos(pi * step / T)) / 2` with `T = stop_pct * total`"
         T = self.stop_pct * total
         return 0. if step >= T else self.fraction * (1 + math.cos(math.pi * step / T)) / 2
 
-    def before_train(self):
-        "At the first epoch of a fit, fix the update interval (`update_every`, or about 20 updates over the window)"
-        super().before_train()
-        if self.every is not None: return
-        window = self.stop_pct * self.total
-        self.every = max(1, round(window / N_UPDATES)) if self.update_every is None else self.update_every
-        if self.every >= window: warnings.warn(
-            f"update_every={self.update_every} is not shorter than the window of updates ({window:g} of the fit's {self.total} "
-            f"training batches: stop_pct={self.stop_pct}): no connection moves in this fit, which trains a fixed random mask. "
-            f"Leave update_every=None ({N_UPDATES} updates over the window) or give fewer batches")
+    def is_update(self,
+                  st, # the `SparseTraining`
+                  clock:int, # a step of its clock
+                 ) -> bool:
+        "Whether step `clock` of the clock is an update step"
+        return self.every is not None and clock % self.every == 0 and clock < self.stop_pct * st.total
 
-    def is_update(self, clock:int) -> bool:
-        "Whether batch `clock` of the training clock is an update batch"
-        return self.every is not None and clock % self.every == 0 and clock < self.stop_pct * self.total
+    def read_grads(self, st):
+        "Before an update step with RigL, keep the dense gradients (the core then masks them)"
+        if self.regrow == 'rigl' and self.is_update(st, st.clock + 1):
+            self._grads = {n: t.weight.grad.detach().abs() for n,t in st.sparsifier.tensors.items() if t.weight.grad is not None}
 
-    def read_grads(self):
-        "Before an update batch with RigL, keep the dense gradients (the base then masks them)"
-        if self.regrow == 'rigl' and self.is_update(self.clock + 1):
-            self._grads = {n: m.weight.grad.detach().abs() for n,m in self.sparsifier.layers.items() if m.weight.grad is not None}
-
-    def on_batch(self):
-        "Drop and regrow when this batch is an update batch"
-        if self.is_update(self.clock): self.update_masks(self.clock)
+    def on_tick(self, st):
+        "Drop and regrow when this step is an update step"
+        if self.is_update(st, st.clock): self.update_masks(st)
         self._grads = None
 
-    def after_cancel_step(self):
-        "A skipped step (fp16 overflow): the batch does not count, and its gradients are not used"
-        super().after_cancel_step(); self._grads = None
-
-    def release(self):
-        "Drop the dense gradients kept for RigL"
+    def on_skip(self, st):
+        "A skipped step: its gradients are not used"
         self._grads = None
+
+    def close(self, st):
+        "Drop the dense gradients kept for RigL; remember the masks for a later run on the same model"
+        self._grads,self._last = None,(st.model, st.sparsifier.masks)
+
+    def settled(self, st) -> bool: return st.total is not None and st.clock >= self.stop_pct * st.total
 
     @torch.no_grad()
     def update_masks(self,
-                     clock:int, # batches of the training clock done (seeds the random choices, sets the fraction)
+                     st, # the `SparseTraining`: its clock seeds the random choices and sets the fraction
+                     grads:dict=None, # {tensor key: |dense gradient|} for RigL; default: those read at the last `backward`
                     ):
-        "Drop and regrow in every selected layer; zero the regrown weights and the optimizer state that changed"
-        total = self.total
+        "Drop and regrow in every selected tensor; regrown weights and their optimizer state start at zero"
+        clock,total = st.clock,st.total
         f = self.fraction_at(clock, total)
         g = _gen(self.seed, clock)
-        opt = getattr(self.learn, 'opt', None)
-        moved,again,before = {},0,0
-        for n,m in self.sparsifier.layers.items():
-            key = self.sparsifier.weight_name(n); mask = self.masks[key]
+        sp = st.sparsifier
+        grads = self._grads if grads is None else grads
+        moved,again,before,grown = {},0,0,{}
+        for n,t in sp.tensors.items():
+            mask = sp.masks[t.name]
             k = round(f * int(mask.sum()))
-            scores = None if self.regrow == 'set' else (self._grads or {}).get(n)
+            scores = None if self.regrow == 'set' else (grads or {}).get(n)
             if self.regrow == 'rigl' and scores is None and k:
-                warnings.warn(f"layer {n!r} has no gradient at batch {clock} (is it used in forward?); RigL regrows it at random")
-            new,drop,grow = drop_and_grow(mask, m.weight, k, scores, g)
+                warnings.warn(f"layer {n!r} has no gradient at step {clock} (is it used in forward?); RigL regrows it at random")
+            new,drop,grow = drop_and_grow(mask, t.weight, k, scores, g)
             if n in self._grown:  # how many of the connections grown at the previous update are dropped again
                 again += int(drop.reshape(-1)[self._grown[n]].sum()); before += self._grown[n].numel()
             self._grown[n] = grow.reshape(-1).nonzero().squeeze(1)
-            mask.copy_(new)  # in place: the tensor keeps its identity
-            m.weight.data.masked_fill_(~new | grow, 0.)
-            if opt is not None:
-                for v in opt_states(opt, m.weight): v.masked_fill_(~new | grow, 0)
+            sp.store_mask(t.name, new)   # in place: the tensor keeps its identity
+            grown[t.name] = grow
             moved[n] = int(grow.sum())
-        self.masks_changed()
-        self.history.append(dict(step=clock, epoch=self.epoch, pct=clock / total, fraction=f,
+        sp.apply_masks(); st.mask_opt_state()   # dropped weights and their state to zero
+        for name,grow in grown.items():         # regrown ones start at zero too, whatever the optimizer kept
+            p = st.model.get_parameter(name)
+            p.data.masked_fill_(grow, 0.)
+            for v in opt_states(st.opt, p): v.masked_fill_(grow, 0)
+        st.masks_changed()
+        self.history.append(dict(step=clock, epoch=st.epoch, pct=clock / total, fraction=f,
                                  moved=sum(moved.values()), regrown_dropped=again / before if before else float('nan'),
                                  per_layer=moved))
-        _logger.debug("batch %d: moved %d connections (fraction %.4f)", clock, sum(moved.values()), f)
-
-    def load_own_state(self, d:dict):
-        "A restored checkpoint sets new masks: check they name this callback's layers"
-        self._last_masks = self.sparsifier.masks
+        _logger.debug("step %d: moved %d connections (fraction %.4f)", clock, sum(moved.values()), f)
 
     def history_df(self) -> pd.DataFrame:
         "One row per update: step, epoch, progress, fraction, total moved, regrown_dropped, and moved per layer"
         rows = [{**{k: v for k,v in h.items() if k != 'per_layer'}, **{f"moved[{n}]": c for n,c in h['per_layer'].items()}}
                 for h in self.history]
         return pd.DataFrame(rows)
-
-    def plot_history(self,
-                     ax=None): # a matplotlib Axes for the moved connections only; None: a new figure with both panels
-        "Connections moved per layer at each update (stacked) and the fraction of last growth dropped again"
-        if not self.history: raise ValueError("no history yet: call plot_history() after a fit with at least one update")
-        df = self.history_df()
-        if ax is None: fig,(ax,ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw=dict(height_ratios=(2, 1)))
-        else: fig,ax2 = ax.figure,None
-        cols = [c for c in df.columns if c.startswith('moved[')]
-        w = max(0.002, 0.8 * float(df.pct.diff().min())) if len(df) > 1 else 0.02
-        bottom = 0
-        for c in cols:
-            ax.bar(df.pct, df[c], width=w, bottom=bottom, label=c[6:-1], align='center'); bottom = bottom + df[c]
-        ax.set_ylabel('connections moved'); ax.legend(title='layer', fontsize=8)
-        ax.set_title(f"{self.regrow.upper()}: connections moved per update")
-        if ax2 is not None:
-            ax2.plot(df.pct, df.regrown_dropped, marker='o', ms=3)
-            ax2.set_ylim(0, 1); ax2.set_ylabel('regrown, then\ndropped'); ax2.set_xlabel('training progress')
-        else: ax.set_xlabel('training progress')
-        ax.set_xlim(0, 1); fig.tight_layout(); plt.close(fig)
-        return fig
 
 # %% ../nbs/08_dst.ipynb #220d553a
 def _initial_masks(layers:dict, targets:dict, seed:int, wname=weight_name) -> dict:

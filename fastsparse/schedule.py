@@ -5,13 +5,12 @@
 # %% ../nbs/02_schedule.ipynb #af319982
 from __future__ import annotations
 import math, inspect
-import matplotlib.pyplot as plt
 from .checks import as_fraction, check_number, check_pos_int, check_pct, did_you_mean
 
 # %% auto #0
-__all__ = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cos', 'lin', 'dsd', 'schedules', 'sched_lin', 'sched_cos', 'sched_agp',
-           'sched_oneshot', 'sched_poly', 'sched_iterative', 'sched_onecycle', 'sched_dsd', 'Schedule', 'poly',
-           'get_schedule', 'sparsity_at', 'plot_schedules']
+__all__ = ['one_shot', 'iterative', 'agp', 'one_cycle', 'cosine', 'linear', 'dsd', 'schedules', 'sched_linear', 'sched_cosine',
+           'sched_agp', 'sched_oneshot', 'sched_poly', 'sched_iterative', 'sched_onecycle', 'sched_dsd', 'Schedule',
+           'poly', 'get_schedule', 'sparsity_at']
 
 # %% ../nbs/02_schedule.ipynb #7c0a195f
 def _lerp(start, end, t):
@@ -19,13 +18,13 @@ def _lerp(start, end, t):
     return start + (end-start)*t if t < 0.5 else end - (end-start)*(1-t)
 
 # %% ../nbs/02_schedule.ipynb #53412fed
-def sched_lin(start:float, # value at `pos=0`
+def sched_linear(start:float, # value at `pos=0`
               end:float, # value at `pos=1`
               pos:float): # progress, in `[0, 1]`
     "Linear schedule from `start` to `end`"
     return _lerp(start, end, pos)
 
-def sched_cos(start:float, # value at `pos=0`
+def sched_cosine(start:float, # value at `pos=0`
               end:float, # value at `pos=1`
               pos:float): # progress, in `[0, 1]`
     "Cosine ease from `start` to `end`: slow at both ends, fastest in the middle"
@@ -89,13 +88,13 @@ def sched_dsd(start:float, # value at `pos=0` and `pos=1`
               end:float, # value at `pos=0.5`
               pos:float): # progress, in `[0, 1]`
     "Dense-sparse-dense: cosine from `start` to `end` over the first half, back to `start` over the second"
-    return sched_cos(start, end, 2*pos if pos <= 0.5 else 2*(1-pos))
+    return sched_cosine(start, end, 2*pos if pos <= 0.5 else 2*(1-pos))
 
 # %% ../nbs/02_schedule.ipynb #42f39616
 def _check_sched_func(f):
     "Raise unless `f` is a callable that accepts `(start, end, pos)`"
     if not callable(f):
-        raise TypeError(f"sched_func must be a callable f(start, end, pos), e.g. sched_cos, got {f!r} ({type(f).__name__})")
+        raise TypeError(f"sched_func must be a callable f(start, end, pos), e.g. sched_cosine, got {f!r} ({type(f).__name__})")
     try: sig = inspect.signature(f)
     except (TypeError, ValueError): return  # builtins without a signature: trust them
     try: sig.bind(0., 1., 0.)
@@ -104,23 +103,6 @@ def _check_sched_func(f):
         raise TypeError(f"sched_func must accept (start, end, pos), got {_fname(f)} with signature {sig}{hint}") from None
 
 def _fname(f): return f.__name__ if inspect.isfunction(f) or inspect.isbuiltin(f) else repr(f)
-
-def _plot_schedule(s, ax, target, label, n=401):
-    "Draw `target*s(pct)` on `ax`"
-    xs = [i/(n-1) for i in range(n)]
-    ax.plot(xs, [target*s(x) for x in xs], label=label)
-
-def _new_ax(ax, figsize=(5, 3)):
-    "`ax` and its figure, or a new figure and axes (closed in pyplot, so it only shows when returned)"
-    if ax is not None: return ax.figure,ax
-    fig,ax = plt.subplots(figsize=figsize)
-    plt.close(fig)
-    return fig,ax
-
-def _decorate(ax, target):
-    "Label the axes of a schedule plot and fit them to `target`"
-    ax.set_xlabel('training progress (pct_train)'); ax.set_ylabel('sparsity')
-    ax.set_xlim(0, 1); ax.set_ylim(-0.02*target, 1.05*target); ax.grid(alpha=.3)
 
 # %% ../nbs/02_schedule.ipynb #ade584ce
 class Schedule:
@@ -152,17 +134,6 @@ class Schedule:
         "A new `Schedule` with the same function over `[start_pct, end_pct]` (this one is unchanged)"
         return Schedule(self.sched_func, start_pct, end_pct)
 
-    def plot(self,
-             target:float=1., # final sparsity: the curve is `target*self(pct)`
-             ax=None): # matplotlib axes to draw on; a new figure if `None`
-        "Plot sparsity against training progress; returns the matplotlib `Figure`"
-        target = as_fraction(target, 'target')
-        fig,ax = _new_ax(ax)
-        _plot_schedule(self, ax, target, repr(self))
-        _decorate(ax, target)
-        ax.set_title(repr(self), fontsize=9)
-        return fig
-
     def __repr__(self): return f"Schedule({_fname(self.sched_func)}, start_pct={self.start_pct}, end_pct={self.end_pct})"
     def __eq__(self, o):
         return isinstance(o, Schedule) and (o.sched_func,o.start_pct,o.end_pct) == (self.sched_func,self.start_pct,self.end_pct)
@@ -173,8 +144,8 @@ one_shot = Schedule(sched_oneshot)
 iterative = Schedule(sched_iterative(3))
 agp = Schedule(sched_agp)
 one_cycle = Schedule(sched_onecycle)
-cos = Schedule(sched_cos)
-lin = Schedule(sched_lin)
+cosine = Schedule(sched_cosine)
+linear = Schedule(sched_linear)
 dsd = Schedule(sched_dsd)
 
 def poly(power:float, # exponent of the polynomial, > 0
@@ -184,7 +155,7 @@ def poly(power:float, # exponent of the polynomial, > 0
     "A polynomial `Schedule`: the fraction of the target reached is `pos**power`"
     return Schedule(sched_poly(power), start_pct, end_pct)
 
-schedules = dict(one_shot=one_shot, iterative=iterative, agp=agp, one_cycle=one_cycle, cos=cos, lin=lin, dsd=dsd)
+schedules = dict(one_shot=one_shot, iterative=iterative, agp=agp, one_cycle=one_cycle, cos=cosine, lin=linear, dsd=dsd)
 
 # %% ../nbs/02_schedule.ipynb #7f4c874b
 def get_schedule(schedule, # a name from `schedules`, a `Schedule`, or a function `f(start, end, pos)`
@@ -206,16 +177,3 @@ def sparsity_at(schedule, # a `Schedule`, a name from `schedules`, or a schedule
     frac = get_schedule(schedule)(pct_train)
     if isinstance(target, dict): return {k: as_fraction(v, f'target[{k!r}]')*frac for k,v in target.items()}
     return as_fraction(target, 'target')*frac
-
-# %% ../nbs/02_schedule.ipynb #14a9899f
-def plot_schedules(names=None, # names from `schedules` (or `Schedule`s) to draw; all built-ins if `None`
-                   target:float=1., # final sparsity
-                   ax=None): # matplotlib axes to draw on; a new figure if `None`
-    "Plot several schedules on one figure; returns the matplotlib `Figure`"
-    names = list(schedules) if names is None else list(names)
-    target = as_fraction(target, 'target')
-    fig,ax = _new_ax(ax, figsize=(6, 3.5))
-    for nm in names: _plot_schedule(get_schedule(nm), ax, target, nm if isinstance(nm, str) else repr(nm))
-    _decorate(ax, target)
-    ax.legend(fontsize=8, ncol=2)
-    return fig

@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn as nn
 from torch import Tensor
-import matplotlib.pyplot as plt
+
 from fastprogress.fastprogress import progress_bar
-from fastai.basics import Learner
+from fastai.basics import Learner, Recorder
+from fastai.callback.progress import ProgressCallback
 from .checks import as_fraction, check_choice, did_you_mean
 from .sparsifier import Sparsifier
 from .criteria import get_criteria, large_final
+from .training import MaskedTraining
+from .regularize import RegularizeCallback
+from .report import new_figure
 
 _logger = logging.getLogger(__name__)
 
@@ -119,9 +123,9 @@ class _Untouched:
         learn = self.learn
         self.modes = {m: m.training for m in learn.model.modules()}
         self.order = list(learn.cbs)
-        self.cbs = [cb for cb in learn.cbs if type(cb).__module__.startswith('fastsparse.') or type(cb).__name__ == 'ProgressCallback']
+        self.cbs = [cb for cb in learn.cbs if isinstance(cb, (MaskedTraining, RegularizeCallback, ProgressCallback))]
         learn.remove_cbs(self.cbs)
-        self.rec = learn.cbs.filter(lambda cb: type(cb).__name__ == 'Recorder')
+        self.rec = learn.cbs.filter(lambda cb: isinstance(cb, Recorder))
         self.rec_state = [{k: v for k,v in vars(r).items() if k in self._rec_keys} for r in self.rec]
         self.final = vars(learn).get('final_record', self)
         return self
@@ -187,7 +191,7 @@ def analyze_sensitivity(learn:Learner, # a (trained) Learner with validation dat
         values = {n: [] for n in sp.layers}
         pairs = [(n, s) for n in sp.layers for s in levels]
         for n,s in (progress_bar(pairs, leave=False) if show_progress else pairs):
-            sp.sparsify_layer(n, s, _apply=False)  # the mask only; the weights are untouched so far
+            sp.sparsify_layer(n, s, apply=False)  # the mask only; the weights are untouched so far
             saved = {k: model.get_parameter(k).detach().clone() for k in sp.masks}
             try:
                 sp.apply_masks()
@@ -195,7 +199,7 @@ def analyze_sensitivity(learn:Learner, # a (trained) Learner with validation dat
             finally:
                 with torch.no_grad():
                     for k,w in saved.items(): model.get_parameter(k).copy_(w)
-                sp.masks.clear(); sp.targets[n] = 0.
+                sp.clear_masks()
             values[n].append(v)
             _logger.debug(f"sensitivity: layer {n!r} at {s:g}: {name} = {v:.6g}")
     if all(v == baseline for vs in values.values() for v in vs):
@@ -347,8 +351,7 @@ class SensitivityResult:
             ):
         "One curve per layer of the metric (or its delta) against the layer's sparsity; returns the figure"
         check_choice(y, ('metric', 'delta'), 'y')
-        if ax is None: fig,ax = plt.subplots(figsize=(6.5, 4)); plt.close(fig)
-        else: fig = ax.figure
+        fig,ax = new_figure(ax, (6.5, 4))
         sign = -1 if self.higher_is_better else 1
         for n in self.layers:
             ys = [0., *self.deltas(n)] if y == 'delta' else [self.baseline, *self.values[n]]
@@ -360,7 +363,7 @@ class SensitivityResult:
         if y == 'metric': ax.axhline(self.baseline, color='#999', ls='--', lw=1, label='dense')
         ax.set_xlabel('sparsity of the layer alone'); ax.set_ylabel(self.metric if y == 'metric' else f"{self.metric}: delta (worse >0)")
         ax.set_title(f"Sensitivity ({self.granularity}, {self.criteria})" + (' -- circles: targets' if targets else ''))
-        ax.legend(fontsize=8); fig.tight_layout()
+        ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
         return fig
 
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ import torch, torch.nn as nn
 from torch import Tensor
 import pandas as pd
 from fastcore.basics import store_attr
-from .checks import as_fraction, check_choice, check_round_to
+from .checks import as_fraction, check_choice, check_round_to, check_model
 from .granularity import granularity_dims, group_shape, get_layout
 from .criteria import get_criteria, large_final, available_criteria
 from .nm import parse_nm, nm_mask_gradual
@@ -43,6 +43,7 @@ class Sparsifier:
                  loss_func=None, # loss for gradient criteria (`taylor`); default cross-entropy on (x, y) batches
                  zero_bn:bool=True, # with 'filter' granularity, also zero the following BatchNorm's gamma/beta
                  seed:int=0): # seed for random criteria (same seed, same masks on every process)
+        check_model(model)
         check_choice(context, ('local', 'global'), 'context')
         criteria = get_criteria(criteria)
         nm = parse_nm(nm)
@@ -218,13 +219,18 @@ class Sparsifier:
     def store_mask(self,
                    name:str, # qualified name of the masked tensor
                    mask:Tensor): # its mask (True = keep), same shape as the tensor
-        "Store `mask` (as bool) under tensor `name`, updating the held mask in place when it has the same shape"
-        mask = mask.to(torch.bool)
+        "Store `mask` (as bool) under tensor `name`, updating the held mask in place when it has the same shape: every mask is written here"
+        mask = torch.as_tensor(mask).to(torch.bool)
         held = self.masks.get(name)
         if held is None or held.shape != mask.shape: self.masks[name] = mask.contiguous()
         elif held.device == mask.device and held.is_contiguous(): held.copy_(mask)  # in place: no new memory, views stay valid
         else: held.data = mask.contiguous()
 
+
+    def clear_masks(self):
+        "Forget every mask (the weights keep their values): the selected tensors are dense again for the next update"
+        self.masks.clear()
+        for n in self.targets: self.targets[n] = 0.
 
     def _after_update(self):
         "After new masks: take rank 0's, count the update, snapshot for updating criteria, zero the weights"
@@ -261,12 +267,12 @@ class Sparsifier:
                        m, # a selected layer (module) or its name
                        sparsity, # fraction in [0, 1] or percentage in (1, 100]
                        round_to:int=None, # keep a multiple of this many groups
-                       _apply=True): # then broadcast, count and apply the masks (False: the caller does it once for all layers)
+                       apply:bool=True): # then broadcast, count and apply the masks (False: masks only, the weights untouched)
         "Mask exactly round(sparsity * groups) groups of tensor `m` (its lowest scores), then apply the masks"
         keys = self.resolve(m)
         if len(keys) > 1:  # a module: each of its selected tensors to that sparsity
-            for n in keys: self.sparsify_layer(n, sparsity, round_to, _apply=False)
-            if _apply: self._after_update()
+            for n in keys: self.sparsify_layer(n, sparsity, round_to, apply=False)
+            if apply: self._after_update()
             return self
         n = keys[0]
         s = as_fraction(sparsity)
@@ -280,7 +286,7 @@ class Sparsifier:
             k = round(s * f.numel)
             if round_to: k = round_keep(f.numel, k, round_to)
             self.set_masks(n, select_keep([f], k, [sf], buf=self._score_buf([f]))[0])
-        if _apply: self._after_update()
+        if apply: self._after_update()
         return self
 
     @torch.no_grad()
@@ -295,13 +301,13 @@ class Sparsifier:
                                  "give one number for a global threshold")
             targets = {n: as_fraction(v, f"sparsity[{k!r}]") for k,v in sparsity.items() for n in self.resolve(k)}
             self._check_data(list(targets))
-            for n,s in targets.items(): self.sparsify_layer(n, s, round_to, _apply=False)
+            for n,s in targets.items(): self.sparsify_layer(n, s, round_to, apply=False)
             self._after_update(); return self
         s = as_fraction(sparsity)
         names = list(self.layers)
         self._check_data(names)
         if self.context == 'local':
-            for n in names: self.sparsify_layer(n, s, round_to, _apply=False)
+            for n in names: self.sparsify_layer(n, s, round_to, apply=False)
             self._after_update(); return self
         fs,sfs = zip(*[self.layer_scores(n) for n in names])
         N = sum(f.numel for f in fs)
@@ -314,6 +320,44 @@ class Sparsifier:
             self.set_masks(n, keep)
         self._after_update()
         return self
+
+    @torch.no_grad()
+    def mask_zeros(self,
+                   sparsity, # the target: a fraction, or {tensor key: fraction} in local context
+                  ): # the sparsity the masked zeros make: {key: fraction} (local), a fraction (global), or None
+        """Mask the groups that are zero already, up to each target count, and return the sparsity they make: where a
+        schedule that starts from a sparse model starts (None when no group is zero, and with N:M)"""
+        if self.nm is not None: return None
+        zero = {}
+        for n,t in self.tensors.items():
+            nz = self.view(n, t.weight.detach()) != 0
+            if self.dims[n]: nz = nz.any(dim=self.dims[n], keepdim=True)
+            zero[n] = ~nz.reshape(-1)
+            if zero[n].all(): zero[n].zero_()  # a tensor that is all zeros was initialized so (zero-init), not pruned
+        if not any(bool(z.any()) for z in zero.values()): return None
+        groups = {n: self.n_groups(n) for n in self.tensors}
+        def pin(n, k):  # mask the first `k` zero groups of tensor n (by index)
+            keep = torch.ones(groups[n], dtype=torch.bool)
+            keep[zero[n].nonzero().squeeze(1)[:k].cpu()] = False
+            self.set_masks(n, keep)
+        if self.context == 'global':
+            s = as_fraction(sparsity)
+            n_all = sum(groups.values())
+            want = left = round(s * n_all)
+            for n in self.tensors:
+                k = min(int(zero[n].sum()), left); pin(n, k); left -= k
+            kept = want - left
+            for n in self.tensors: self.targets[n] = s if kept == want else kept / n_all
+            self.apply_masks()
+            return kept / n_all
+        targets = sparsity if isinstance(sparsity, dict) else {n: as_fraction(sparsity) for n in self.tensors}
+        floor = {}
+        for n in [n for n in self.tensors if n in targets]:
+            want = round(targets[n] * groups[n]); k = min(int(zero[n].sum()), want)
+            pin(n, k)
+            floor[n] = k / groups[n]; self.targets[n] = targets[n] if k == want else floor[n]
+        self.apply_masks()
+        return floor
 
     @torch.no_grad()
     def apply_masks(self):
@@ -340,18 +384,22 @@ class Sparsifier:
 
     # --- reporting and saving
     def sparsity_report(self) -> pd.DataFrame:
-        "Per selected tensor: key, module type, params, zeros, target and achieved sparsity, granularity, notes, tensor name"
+        """Per selected tensor: key, module type, params, zeros, target, achieved (the zeros of the weights as they are now),
+        masked (the share of its mask), granularity, notes, tensor name"""
         rows = []
         for n,t in self.tensors.items():
             w = t.weight
             mask = self.masks.get(t.name)
-            achieved = 0. if mask is None else 1 - mask.float().mean().item()
-            rows.append(dict(layer=n, type=t.kind, params=w.numel(), zeros=int((w == 0).sum()), target=self.targets[n],
-                             achieved=achieved, granularity=self.granularity, note=self.notes[n], tensor=t.name))
+            zeros = int((w == 0).sum())
+            masked = 0. if mask is None else 1 - int(mask.sum()) / mask.numel()
+            rows.append(dict(layer=n, type=t.kind, params=w.numel(), zeros=zeros, target=self.targets[n],
+                             achieved=zeros / max(w.numel(), 1), masked=masked, granularity=self.granularity,
+                             note=self.notes[n], tensor=t.name))
         df = pd.DataFrame(rows)
-        tot = dict(layer='total', type='', params=int(df.params.sum()), zeros=int(df.zeros.sum()),
-                   target=float((df.target*df.params).sum()/df.params.sum()),
-                   achieved=float((df.achieved*df.params).sum()/df.params.sum()), granularity=self.granularity, note='', tensor='')
+        P = df.params.sum()
+        tot = dict(layer='total', type='', params=int(P), zeros=int(df.zeros.sum()), target=float((df.target*df.params).sum()/P),
+                   achieved=float(df.zeros.sum()/P), masked=float((df.masked*df.params).sum()/P), granularity=self.granularity,
+                   note='', tensor='')
         return pd.concat([df, pd.DataFrame([tot])], ignore_index=True)
 
     def state_dict(self) -> dict:

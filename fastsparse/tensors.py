@@ -141,8 +141,11 @@ def _match_any(names, pats) -> bool:
     return any(match_name(n, pats) for n in names)
 
 def _typed(t:WeightTensor, layer_type) -> bool:
-    "Whether `t`'s module, the module where it is registered, or a module it is tied to is of `layer_type` (None: any)"
-    return layer_type is None or any(isinstance(m, layer_type) for m in (t.module, t.owner) + tuple(m for _,m in t.alias_modules))
+    "Whether `t`'s module, the module where it is registered, a module it is tied to, or the attention it serves is of `layer_type`"
+    if layer_type is None: return True
+    # attention's out_proj is a Linear that only attention's forward calls: selecting the attention selects it too
+    att = (t.parent,) if isinstance(t.parent, nn.MultiheadAttention) and t.module is t.parent.out_proj else ()
+    return any(isinstance(m, layer_type) for m in (t.module, t.owner) + tuple(m for _,m in t.alias_modules) + att)
 
 def unreached_tensors(model:nn.Module, # the model
                       selected:dict, # the selected tensors, `{key: WeightTensor}`
@@ -194,8 +197,11 @@ def select_tensors(model:nn.Module, # the model to search
         if left:
             kinds = tuple(dict.fromkeys(type(t.module) for t in left))
             kn = ', '.join(k.__name__ for k in kinds)
+            # only a class users can name is suggested for layer_type (torch's internal subclasses are not)
+            public = [k.__name__ for k in kinds if getattr(nn, k.__name__, None) is k or not k.__module__.startswith('torch.')]
+            fix = f"add {', '.join(public)} to layer_type, or " if public else ''
             warnings.warn(f"layer_type={layer_type!r} leaves dense the weight tensors {[t.name for t in left]} of {kn} "
-                          f"modules whose other weights are selected; add {kn} to layer_type, or name them in params=, "
+                          f"modules whose other weights are selected; {fix}name them in params=, "
                           "or exclude= them to keep them dense on purpose")
     return res
 

@@ -10,10 +10,10 @@ import fastai.distributed  # noqa: F401 (patches Learner.distrib_ctx)
 sys.path.insert(0, str(Path(__file__).parent))
 import gloo_shim
 from fastsparse.callback import SparsifyCallback
-from fastsparse.dst import DynamicSparseCallback
+from fastsparse.callback import DynamicSparseCallback
 from fastsparse.distributed import mask_digest, masks_agree
 from fastsparse.training import MaskedTraining
-from fastsparse.schedule import lin
+from fastsparse.schedule import linear
 from fastsparse.demo import digits_dls, digits_cnn
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
@@ -26,8 +26,8 @@ class SeqNet(nn.Module):
 
 def make(case):
     if case == 'rigl': return DynamicSparseCallback(0.8, 'rigl', update_every=3, layer_type=CONV_LIN)
-    if case == 'lstm_taylor': return SparsifyCallback(0.8, 'weight', 'local', 'taylor', lin.with_pcts(0., 1.), layer_type=nn.LSTM)
-    return SparsifyCallback(0.8, 'weight', 'global' if case == 'taylor' else 'local', case, lin.with_pcts(0., 1.), layer_type=CONV_LIN)
+    if case == 'lstm_taylor': return SparsifyCallback(0.8, 'weight', 'local', 'taylor', linear.with_pcts(0., 1.), layer_type=nn.LSTM)
+    return SparsifyCallback(0.8, 'weight', 'global' if case == 'taylor' else 'local', case, linear.with_pcts(0., 1.), layer_type=CONV_LIN)
 
 def weights_digest(model):
     h = hashlib.sha256()

@@ -8,7 +8,7 @@ from fastai.callback.fp16 import MixedPrecision  # noqa: F401 (patches Learner.t
 from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastsparse.callback import SparsifyCallback
-from fastsparse.schedule import lin, iterative, one_shot, agp, Schedule, sched_lin
+from fastsparse.schedule import linear, iterative, one_shot, agp, Schedule, sched_linear
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from fastsparse.nm import is_nm
 from cpu_amp import CPUMixedPrecision, CountSteps
@@ -34,10 +34,10 @@ class Trace(Callback):
 
 def test_resume_from_plain_sparse_weights_follows_the_schedule(tmp_path):
     "start_epoch=2 on the plain weights saved after epoch 1 (no checkpoint data): the counts follow the uninterrupted run's"
-    a = learner(cbs=[SparsifyCallback(0.8, schedule=lin)], shuffle=False, path=tmp_path)
+    a = learner(cbs=[SparsifyCallback(0.8, schedule=linear)], shuffle=False, path=tmp_path)
     a.fit_one_cycle(4, 1e-2, cbs=[SaveModelCallback(every_epoch=True, fname='ck')])
-    sd = {k: v for k, v in torch.load(tmp_path/'models'/'ck_1.pth', weights_only=False).items() if not k.startswith('_fastsparse.')}
-    cb = SparsifyCallback(0.8, schedule=lin)
+    sd = {k: v for k, v in torch.load(tmp_path/'models'/'ck_1.pth', weights_only=False).items() if k != '_fastsparse'}  # the file holds one more entry: the callback's checkpoint
+    cb = SparsifyCallback(0.8, schedule=linear)
     b = learner(cbs=[cb], shuffle=False, seed=1)
     b.model.load_state_dict(sd, strict=True)
     b.fit_one_cycle(4, 1e-2, start_epoch=2)
@@ -77,7 +77,7 @@ def test_sparse_model_schedule_starts_at_its_sparsity(tmp_path):
     a = learner(cbs=[SparsifyCallback(0.5, schedule=one_shot)])
     a.fit(1, 1e-2)
     sd = {k: v.clone() for k, v in a.model.state_dict().items()}
-    cb, held, trace = SparsifyCallback(0.8, schedule=lin), ZerosHeld(), Trace()
+    cb, held, trace = SparsifyCallback(0.8, schedule=linear), ZerosHeld(), Trace()
     b = learner(cbs=[cb], shuffle=False, seed=1, path=tmp_path)
     b.model.load_state_dict(sd)
     b.fit_one_cycle(4, 1e-2, cbs=[held, trace, SaveModelCallback(every_epoch=True, with_opt=True, fname='ck')])
@@ -88,7 +88,7 @@ def test_sparse_model_schedule_starts_at_its_sparsity(tmp_path):
         assert h['sparsity'] == pytest.approx(sum(round((0.5 + h['schedule'] * 0.3) * sizes[k]) for k in sizes) / sum(sizes.values()))
     assert {k: int((m.weight == 0).sum()) for k, m in cb.sparsifier.layers.items()} == {k: round(0.8 * sizes[k]) for k in sizes}  # exact at the end
     # resumed from a checkpoint of this fit, the start (50%) comes from the checkpoint, not from the zeros it has then
-    c = learner(cbs=[SparsifyCallback(0.8, schedule=lin)], shuffle=False, seed=2, path=tmp_path)
+    c = learner(cbs=[SparsifyCallback(0.8, schedule=linear)], shuffle=False, seed=2, path=tmp_path)
     c_trace = Trace()
     c.load('ck_1', with_opt=True)
     c.fit_one_cycle(4, 1e-2, start_epoch=2, cbs=[c_trace])
@@ -99,14 +99,14 @@ def test_sparse_model_schedule_starts_at_its_sparsity(tmp_path):
 def test_zero_initialized_layer_is_not_taken_for_pruned():
     "A layer of all zeros (zero-init) starts dense like any fresh layer: no start point, masks from the criterion"
     model = digits_cnn(8); nn.init.zeros_(dict(model.named_modules())['12'].weight)  # the classifier (Linear)
-    cb = SparsifyCallback(0.5, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    cb = SparsifyCallback(0.5, schedule=linear, layer_type=(nn.Conv2d, nn.Linear))
     learner(model, cbs=[cb]).fit(1, 1e-2)
     assert cb.history[0]['sparsity'] < 0.05  # the first update is the schedule's first step from 0%
     for m in cb.sparsifier.layers.values(): assert int((m.weight == 0).sum()) == round(0.5 * m.weight.numel())
 
 def test_real_grad_scaler_skips_do_not_move_schedule():
     "fastai's fp16 AMP on the CPU with a real `GradScaler` whose scale starts too high: it skips the first steps itself"
-    cb, chk, cnt = SparsifyCallback(0.9, schedule=lin, layer_type=(nn.Conv2d, nn.Linear)), CheckMasks(), CountSteps()
+    cb, chk, cnt = SparsifyCallback(0.9, schedule=linear, layer_type=(nn.Conv2d, nn.Linear)), CheckMasks(), CountSteps()
     learn = learner(cbs=[cb, chk, cnt, CPUMixedPrecision(init_scale=2.**30)])
     with pytest.warns(UserWarning, match='the sparsity jumped from') as w: learn.fit(2, 1e-3)
     n = 2 * len(learn.dls.train)
@@ -149,14 +149,14 @@ def test_lottery_ticket_rewind(tmp_path):
     assert len(list((tmp_path/'models').glob('ticket_*.pth'))) >= 3
 
 def test_rewind_after_schedule_start_is_an_error():
-    learn = learner(cbs=[SparsifyCallback(0.5, schedule=lin.with_pcts(0.2, 1.), lth=True, rewind_epoch=2)])
+    learn = learner(cbs=[SparsifyCallback(0.5, schedule=linear.with_pcts(0.2, 1.), lth=True, rewind_epoch=2)])
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(ValueError, match='rewind_epoch=2 comes after the schedule starts'):
         learn.fit(5, 1e-3)
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k])
 
 def test_gradual_nm():
-    cb = SparsifyCallback(0.5, nm=True, schedule=lin, layer_type=nn.Linear, exclude='5')
+    cb = SparsifyCallback(0.5, nm=True, schedule=linear, layer_type=nn.Linear, exclude='5')
     learn = learner(model=digits_mlp(64), cbs=[cb])
     learn.fit(2, 1e-3)
     s = [h['sparsity'] for h in cb.history]
@@ -165,7 +165,7 @@ def test_gradual_nm():
 
 @pytest.mark.parametrize('crit', ['taylor', 'wanda', 'random', 'movement', 'updating_magnitude_increase'])
 def test_criteria_through_callback(crit):
-    cb = SparsifyCallback(0.75, 'weight', 'global', crit, schedule=lin, layer_type=(nn.Conv2d, nn.Linear))
+    cb = SparsifyCallback(0.75, 'weight', 'global', crit, schedule=linear, layer_type=(nn.Conv2d, nn.Linear))
     learn = learner(cbs=[cb, CheckMasks()])
     learn.fit(1, 1e-3)
     N = sum(m.weight.numel() for m in cb.sparsifier.layers.values())
@@ -181,12 +181,12 @@ def test_dict_targets_exact():
         assert rep.loc[n, 'zeros'] == round(t * rep.loc[n, 'params'])
 
 def test_updates_only_when_counts_change():
-    cb = SparsifyCallback(0.5, 'filter', schedule=lin, layer_type=nn.Linear)
+    cb = SparsifyCallback(0.5, 'filter', schedule=linear, layer_type=nn.Linear)
     learn = learner(model=digits_mlp(16), cbs=[cb])
     learn.fit(2, 1e-3)
     # 16, 16 and 10 rows: the pruned-row counts change at most 8 + 8 + 5 times over 44 steps
     assert len(cb.history) <= 21
-    cb2 = SparsifyCallback(0.5, schedule=lin, layer_type=nn.Linear, update_every='epoch')
+    cb2 = SparsifyCallback(0.5, schedule=linear, layer_type=nn.Linear, update_every='epoch')
     learn = learner(model=digits_mlp(16), cbs=[cb2])
     learn.fit(3, 1e-3)
     assert len(cb2.history) == 3
@@ -243,8 +243,8 @@ def test_layer_errors_before_any_weight_is_touched(kwargs, match):
     for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k])
 
 def test_invalid_schedule_window():
-    with pytest.raises(ValueError, match='start_pct'): Schedule(sched_lin, 0.8, 0.2)
-    with pytest.raises(ValueError, match='end_pct'): Schedule(sched_lin, 0., 1.5)
+    with pytest.raises(ValueError, match='start_pct'): Schedule(sched_linear, 0.8, 0.2)
+    with pytest.raises(ValueError, match='end_pct'): Schedule(sched_linear, 0., 1.5)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -252,6 +252,6 @@ def test_fp16_gpu_masks_hold():
     chk = CheckMasks()
     torch.manual_seed(0)
     learn = Learner(digits_dls(device=torch.device('cuda')), digits_cnn(8), loss_func=CrossEntropyLossFlat(),
-                    cbs=[SparsifyCallback(0.9, schedule=lin), chk]).to_fp16()
+                    cbs=[SparsifyCallback(0.9, schedule=linear), chk]).to_fp16()
     learn.fit(2, 1e-2)
     assert chk.n > 0

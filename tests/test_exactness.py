@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from fastsparse.sparsifier import Sparsifier
 from fastsparse.select import select_keep, ScoreFn
 from fastsparse.granularity import available_granularities, granularity_dims, group_shape, n_groups
-from fastsparse.criteria import large_final, random, small_final
+from fastsparse.criteria import large_final, random_scores, small_final
 from fastsparse.nm import is_nm
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,7 +58,7 @@ def test_global_exact(data):
     model = nn.Sequential(*layers)
     g = data.draw(st.sampled_from(['weight', 'row', 'column']))
     s = data.draw(st.floats(0, 1))
-    crit = data.draw(st.sampled_from([large_final, random, small_final]))
+    crit = data.draw(st.sampled_from([large_final, random_scores, small_final]))
     sp = Sparsifier(model, g, 'global', crit, layer_type=nn.Linear)
     sp.sparsify_model(s)
     total, pruned = 0, 0
@@ -192,7 +192,7 @@ def test_matches_sort_reference(data):
     model = nn.Sequential(*layers)
     context = data.draw(st.sampled_from(['local', 'global']))
     g = data.draw(st.sampled_from(['weight', 'row', 'column']))
-    crit = data.draw(st.sampled_from([large_final, random, small_final]))
+    crit = data.draw(st.sampled_from([large_final, random_scores, small_final]))
     sp = Sparsifier(model, g, context, crit, layer_type=nn.Linear)
     r = data.draw(st.one_of(st.none(), st.integers(1, 4)))
     s = data.draw(st.sampled_from([0., 1.]) | st.floats(0, 1))
@@ -210,7 +210,7 @@ def test_matches_sort_reference_large(context):
     for s in [0., 0.3, 0.3001, 0.6, 0.9, 0.9002, 0.9002, 1.]:
         _check_update(sp, s)
     _check_update(sp, 0.5, round_to=8)
-    _check_update(Sparsifier(model, 'row', context, random, layer_type=nn.Linear), 0.4)
+    _check_update(Sparsifier(model, 'row', context, random_scores, layer_type=nn.Linear), 0.4)
 
 @pytest.mark.parametrize('kw', [{}, {'hold': 0}, {'small': 0, 'hold': 0, 'sample_size': 64}])
 def test_select_keep_large_paths(kw):

@@ -4,8 +4,8 @@ import warnings
 import pytest, torch, torch.nn as nn
 from fastai.basics import Learner, CrossEntropyLossFlat, accuracy, set_seed
 from fastsparse.callback import SparsifyCallback
-from fastsparse.dst import DynamicSparseCallback
-from fastsparse.schedule import Schedule, lin
+from fastsparse.callback import DynamicSparseCallback
+from fastsparse.schedule import Schedule, linear
 from fastsparse.sensitivity import analyze_sensitivity
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 
@@ -38,7 +38,7 @@ def test_schedule_that_never_reaches_its_target_warns():
     cb = SparsifyCallback(0.8, schedule=half, layer_type=nn.Linear)
     msgs = fit_warnings(learner(cbs=[cb]), 1, 1e-2)
     assert any('reaches at most 50.0% of the way to the target within the fit' in m for m in msgs)
-    assert not any('reaches at most' in m for m in fit_warnings(learner(cbs=[SparsifyCallback(0.8, schedule=lin, layer_type=nn.Linear)]), 1, 1e-2))
+    assert not any('reaches at most' in m for m in fit_warnings(learner(cbs=[SparsifyCallback(0.8, schedule=linear, layer_type=nn.Linear)]), 1, 1e-2))
 
 @pytest.mark.parametrize('kw, match', [(dict(include='conv*'), "include: 'conv\\*' matches no layer"),
                                         (dict(exclude='9'), "exclude: '9' matches no layer")])
@@ -59,7 +59,7 @@ def test_data_criteria_on_a_layer_that_gets_no_data_are_errors(crit, what):
         def __init__(self, m): super().__init__(); self.m, self.spare = m[0], m[1]
         def forward(self, x): return self.m(x)
     net = Head(model)
-    cb = SparsifyCallback(0.5, criteria=crit, schedule=lin, layer_type=nn.Linear)
+    cb = SparsifyCallback(0.5, criteria=crit, schedule=linear, layer_type=nn.Linear)
     learn = learner(net, cbs=[cb])
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(ValueError, match=f"criteria '{crit}' scores with {what}, but layers .*spare.* got none in the first training batch"):

@@ -109,3 +109,23 @@ def test_export_is_a_package_with_the_same_names():
     ''')
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+def _quick_start_of_index():
+    "The source of the home page's quick-start cell (the first code cell that trains)"
+    nb = json.loads((ROOT/'nbs'/'index.ipynb').read_text(encoding='utf-8'))
+    return next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code' and 'fit_one_cycle' in ''.join(c['source']))
+
+def test_readme_quick_start_is_the_home_pages():
+    "README's quick start is the home page's, which the docs build executes and checks"
+    import re
+    readme = (ROOT/'README.md').read_text(encoding='utf-8')
+    block = re.search(r'## Quick start\s+```python\n(.*?)\n```', readme, re.S)
+    assert block, "README.md has no '## Quick start' python block"
+    assert block.group(1).strip() == _quick_start_of_index().strip()
+
+def test_distribution_name_and_install_line():
+    "A distribution name that is free on the package index, used by pyproject, README and the home page"
+    import tomllib
+    name = tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['name']
+    assert name == 'fastsparse-ml'
+    for f in ('README.md', 'nbs/index.ipynb'): assert f'pip install {name}' in (ROOT/f).read_text(encoding='utf-8'), f

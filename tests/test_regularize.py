@@ -7,7 +7,7 @@ from fastai.basics import Learner, DataLoaders, CrossEntropyLossFlat, accuracy, 
 from fastai.callback.core import CancelFitException
 import fastai.callback.schedule  # fit_one_cycle
 from fastsparse.regularize import RegularizeCallback
-from fastsparse.schedule import lin
+from fastsparse.schedule import linear
 
 class TDS(TensorDataset):
     "A TensorDataset that `learn.export` can empty"
@@ -40,7 +40,7 @@ def plain(): return fit(learner())
 
 @pytest.mark.parametrize('t', [0., 0.05])
 def test_near_target_goes_up(plain, t):
-    reg = RegularizeCallback(target=t, strength=1e-3, schedule=lin)
+    reg = RegularizeCallback(target=t, strength=1e-3, schedule=linear)
     learn = fit(learner(reg))
     near, base = frac_near(learn.model, t), frac_near(plain.model, t)
     assert near > 5*base, (near, base)

@@ -8,9 +8,10 @@ from fastai.basics import Learner, Adam, CrossEntropyLossFlat, accuracy, set_see
 from fastsparse.sparsifier import Sparsifier
 from fastsparse.tensors import select_tensors
 from fastsparse.granularity import n_groups
-from fastsparse.criteria import large_final, random, large_init, movement, taylor, wanda
+from fastsparse.criteria import large_final, random_scores, large_init, movement, taylor, wanda
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
-from fastsparse.dst import DynamicSparseCallback, random_masks
+from fastsparse.dst import random_masks
+from fastsparse.callback import DynamicSparseCallback
 from masks_held import CheckMasks
 from fastsparse.schedule import agp
 from fastsparse.demo import digits_dls
@@ -32,14 +33,15 @@ def zoo():
 
 EXPECTED = ['emb', 'bag'] + [f'lstm.weight_{k}_l{l}{d}' for l in (0, 1) for d in ('', '_reverse') for k in ('ih', 'hh', 'hr')] + \
            [f'gru.weight_{k}_l{l}' for l in (0, 1) for k in ('ih', 'hh')] + ['rnn.weight_ih_l0', 'rnn.weight_hh_l0'] + \
-           ['att.in_proj_weight', 'qkv.q_proj_weight', 'qkv.k_proj_weight', 'qkv.v_proj_weight']
+           ['att.in_proj_weight', 'att.out_proj', 'qkv.q_proj_weight', 'qkv.k_proj_weight', 'qkv.v_proj_weight', 'qkv.out_proj']
 
 def test_every_tensor_selected():
-    with pytest.warns(UserWarning, match=r"\['att.out_proj.weight', 'qkv.out_proj.weight'\]"):  # Linears inside the attention
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # attention is selected whole, its out_proj included: nothing left dense
         sp = Sparsifier(zoo(), layer_type=KINDS)
     assert list(sp.tensors) == EXPECTED
     rep = sp.sparsity_report()
-    assert rep.layer.tolist()[:-1] == EXPECTED and rep.tensor.tolist()[:-1] == [('emb.weight' if n == 'emb' else 'bag.weight' if n == 'bag' else n) for n in EXPECTED]
+    assert rep.layer.tolist()[:-1] == EXPECTED and rep.tensor.tolist()[:-1] == [('emb.weight' if n == 'emb' else 'bag.weight' if n == 'bag' else f'{n}.weight' if n.endswith('out_proj') else n) for n in EXPECTED]
     assert rep.set_index('layer').loc['lstm.weight_hr_l1_reverse', 'params'] == 4 * 6
 
 def group_view(sp, n):
@@ -101,7 +103,7 @@ def test_nm_along_inputs():
     # lstm.weight_hr_l* has 6 inputs (not divisible by 4): dense, named in a warning
     assert 'lstm.weight_hr_l0' not in sp.masks and any("'lstm.weight_hr_l0'" in str(x.message) for x in w)
 
-@pytest.mark.parametrize('crit', [large_final, random, large_init, movement, taylor])
+@pytest.mark.parametrize('crit', [large_final, random_scores, large_init, movement, taylor])
 def test_criteria_on_every_tensor(crit):
     torch.manual_seed(0)
     net = SeqNet()

@@ -11,16 +11,17 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientAccumulation
 from fastsparse.training import MaskedTraining, SparsityColumn, step_can_move_zeros
 from fastsparse.callback import SparsifyCallback, FixedSparsityCallback
-from fastsparse.dst import DynamicSparseCallback, random_masks
+from fastsparse.dst import random_masks
+from fastsparse.callback import DynamicSparseCallback
 from fastsparse.regularize import RegularizeCallback
-from fastsparse.schedule import lin
+from fastsparse.schedule import linear
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
 from cpu_amp import CPUMixedPrecision, CountSteps
 from masks_held import masked, check_masks, CheckMasks, SkipSteps
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
 KINDS = {
-    'sparsify': lambda: SparsifyCallback(0.8, schedule=lin.with_pcts(0., 0.75), layer_type=CONV_LIN),
+    'sparsify': lambda: SparsifyCallback(0.8, schedule=linear.with_pcts(0., 0.75), layer_type=CONV_LIN),
     'dst': lambda: DynamicSparseCallback(0.8, 'rigl', update_every=5, layer_type=CONV_LIN),
     'fixed': lambda: FixedSparsityCallback(random_masks(digits_cnn(8), 0.8, layer_type=CONV_LIN, seed=1)),
 }
@@ -209,7 +210,7 @@ class Push(Callback):
 
 def _fit(opt_func=Adam, extra=(), **kw):
     "Two epochs, the schedule over the first: in the second the masks are settled and only their upkeep holds the zeros"
-    cb, chk = SparsifyCallback(0.8, schedule=lin.with_pcts(0., 0.5)), CheckAfterBatch()
+    cb, chk = SparsifyCallback(0.8, schedule=linear.with_pcts(0., 0.5)), CheckAfterBatch()
     learn = learner(cbs=[cb, chk, *extra], opt_func=opt_func)
     learn.fit(2, 1e-3, **kw)
     assert chk.n == 2 * len(learn.dls.train)  # masks held after every batch
@@ -246,12 +247,13 @@ def test_rezero_skipped_for_a_callback_that_says_it_only_reads():
     t = Timer(); t.can_move_zeros = False  # an instance attribute is read too
     assert _fit(extra=[t]).rezero_after_step() is False
 
-def test_caches_not_pickled():
+def test_fit_state_not_pickled():
+    "`learn.export()` pickles the callback: its core (masks, views, the optimizer) and the policy's hooks stay out"
     cb = _fit()
     st = cb.__getstate__()
-    assert not {'_pairs_cache', '_pairs_key', '_pairs_model', '_params', '_u8s', '_rezero', '_opt', '_cbs'} & set(st)
+    assert 'core' not in st and not {'_hooks', '_rewind'} & set(st['policy'].__getstate__())
     cb2 = pickle.loads(pickle.dumps(cb))
-    assert cb2.sparsifier is None and cb2.clock == cb.clock
+    assert cb2.sparsifier is None and cb2.clock == 0 and cb2.policy.sparsity == cb.policy.sparsity and cb2.policy._hooks == []
 
 def test_step_can_move_zeros_without_optimizer():
     learn = learner()

@@ -88,6 +88,18 @@ def _patch_targets(fn):
     elts = a.elts if isinstance(a, ast.Tuple) else [a.left, a.right] if isinstance(a, ast.BinOp) else [a]  # (A,B) or A|B
     return [ast.unparse(e) for e in elts]
 
+# Methods that a framework calls, not users: they get no card of their own. fastai's events on a callback; the hooks of
+# `MaskPolicy` on the policies that implement them (documented once, on `MaskPolicy` itself).
+_EVENT_RE = re.compile(r'^(before|after)_\w+$')
+_POLICY_HOOKS = {'build', 'on_total', 'read_grads', 'on_tick', 'on_skip', 'on_epoch_end', 'start_at', 'finish', 'close',
+                 'reopen', 'final_targets', 'settled', 'reached', 'state', 'load_state'}
+def _hooks_of(cls_node):
+    "A predicate: is a method of this class a hook its framework calls (hidden from the cards)?"
+    bases = {ast.unparse(b).split('.')[-1] for b in cls_node.bases}
+    if any(b == 'MaskedTraining' or b.endswith('Callback') for b in bases): return lambda m: bool(_EVENT_RE.match(m))
+    if bases & {'MaskPolicy', 'GradualPruning', 'DynamicSparse', 'FixedMasks'}: return lambda m: m in _POLICY_HOOKS
+    return lambda m: False
+
 def public_symbols(src):
     "[(expression, title level)] to `show_doc` for the public names an exported cell defines"
     try: tree = ast.parse(src)
@@ -100,8 +112,9 @@ def public_symbols(src):
             elif not node.name.startswith('_'): res.append((node.name, 3))
         elif isinstance(node, ast.ClassDef) and not node.name.startswith('_'):
             res.append((node.name, 3))
+            hooks = _hooks_of(node)
             res += [(f'{node.name}.{m.name}', 4) for m in node.body
-                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith('_')]
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith('_') and not hooks(m.name)]
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
                 for n in (t.elts if isinstance(t, ast.Tuple) else [t]):
@@ -208,7 +221,7 @@ class DocRenderer:
 def _code_cell(src, cid, meta=None):
     return {'cell_type': 'code', 'execution_count': None, 'id': cid, 'metadata': meta or {}, 'outputs': [], 'source': src}
 
-SETUP = f'''#| hide
+SETUP = rf'''#| hide
 import importlib.util as _fs_iu, nbdev.showdoc as _fs_sd
 _fs_spec = _fs_iu.spec_from_file_location('_fastsparse_docs', {str(Path(__file__).resolve())!r})
 _fs_docs = _fs_iu.module_from_spec(_fs_spec); _fs_spec.loader.exec_module(_fs_docs)

@@ -89,7 +89,11 @@ def load_compressed(path, # a file written by `save_compressed`
                     strict:bool=True, # as in `nn.Module.load_state_dict`
                    ):
     "Read a `save_compressed` file: into `model` (returned), or as a state dict (int8 weights dequantized, zeros exact)"
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"path: no file at {path}")
+    try: obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch reports a cut file as an OS error (Errno 22), a bad archive, or an unpickling error
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); write it again with save_compressed") from None
     if not isinstance(obj, dict) or obj.get('format') != _FMT:
         raise ValueError(f"{path} is not a file written by save_compressed (format {_FMT!r})")
     sd = {k:_decode(e) for k,e in obj['tensors'].items()}
