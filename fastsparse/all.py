@@ -18,6 +18,7 @@ from .sparsifier import *
 from .sparse_training import *
 from .training import *
 from .callback import *
+from .tracker import *
 from .sensitivity import *
 from .export import *
 from .dst import *

@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging, time
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
-from fastai.basics import DataLoaders, TfmdDL, Learner, accuracy, CrossEntropyLossFlat, Adam
+from torch import Tensor
+from fastai.basics import (DataLoaders, Datasets, TfmdLists, Transform, Categorize, TensorImage, Learner, accuracy,
+                           CrossEntropyLossFlat, Adam)
 import fastai.callback.schedule  # adds Learner.fit_one_cycle
 from fastcore.script import call_parse
 from torch.utils.data import TensorDataset
 
 # %% auto #0
-__all__ = ['digits_data', 'digits_dls', 'digits_cnn', 'digits_mlp', 'ResBlock', 'small_resnet', 'main']
+__all__ = ['digits_data', 'ToImage', 'digits_datasets', 'digits_dls', 'digits_cnn', 'digits_mlp', 'ResBlock', 'small_resnet',
+           'main']
 
 # %% ../nbs/12_demo.ipynb #77cde5ea
 class _Digits(TensorDataset):
@@ -37,18 +40,32 @@ def digits_data(size:int=8, # side of the square images (upsampled bilinearly wh
     vi,ti = idx[:n_valid],idx[n_valid:]
     return _Digits(x[ti], y[ti]),_Digits(x[vi], y[vi])
 
+class ToImage(Transform):
+    "An image tensor `(channels, h, w)` as fastai's `TensorImage`, which `show_batch`, `show_results` and `predict` know how to draw"
+    def encodes(self, x:Tensor): return TensorImage(x)
+
+def digits_datasets(size:int=8, # side of the square images
+                    seed:int=42, # seed of the train/validation split
+                    channels:int=1, # image channels
+                   ) -> Datasets:
+    "fastai `Datasets` over digits: image tensors in [0, 1] and their digit as a category, split into train and valid by `seed`"
+    trn,val = digits_data(size, seed, channels=channels)
+    x,y = torch.cat([trn.x, val.x]),torch.cat([trn.y, val.y])
+    splits = [list(range(len(trn.x))), list(range(len(trn.x), len(x)))]
+    return Datasets(tls=[TfmdLists(list(x), [ToImage()], splits=splits),
+                         TfmdLists(y.tolist(), [Categorize(vocab=list(range(10)))], splits=splits)], n_inp=1)
+
 def digits_dls(bs:int=64, # batch size
                size:int=8, # image side
                seed:int=42, # split and shuffling seed
                shuffle:bool=True, # shuffle the training set (False for bit-reproducible runs)
                channels:int=1, # image channels
                device=None) -> DataLoaders: # device (default: CPU)
-    "fastai `DataLoaders` over digits (no torchvision needed)"
-    trn,val = digits_data(size, seed, channels=channels)
+    "fastai `DataLoaders` over `digits_datasets` (no torchvision needed): `show_batch`, `tta`, `predict` and `learn.export()` work"
     device = torch.device('cpu') if device is None else device
     # num_workers=0: the data is a few hundred KB in memory; worker processes would cost more than they save
-    return DataLoaders(TfmdDL(trn, bs=bs, shuffle=shuffle, drop_last=shuffle, device=device, num_workers=0),
-                       TfmdDL(val, bs=bs*2, device=device, num_workers=0), device=device)
+    return digits_datasets(size, seed, channels).dataloaders(bs=bs, val_bs=bs*2, shuffle=shuffle, drop_last=shuffle,
+                                                             device=device, num_workers=0)
 
 # %% ../nbs/12_demo.ipynb #558dc34a
 def digits_cnn(width:int=32, # channels of the first conv (the second has twice as many)

@@ -11,7 +11,7 @@ from fastai.basics import Callback, Learner, L, patch, delegates
 from fastai.learner import ValueMetric
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientAccumulation, GradientClip
-import fastai.callback.schedule  # Learner.fine_tune, which a fit with masks spans
+from fastai.callback.schedule import LRFinder  # (and Learner.fine_tune, which a fit with masks spans)
 from fastai.optimizer import (Optimizer, OptimWrapper, sgd_step, weight_decay, l2_reg, average_grad, average_sqr_grad,
                               momentum_step, step_stat, adam_step, radam_step, qhadam_step, lamb_step, rms_prop_step,
                               larc_layer_lr, larc_step)
@@ -70,6 +70,7 @@ class MaskedTraining(Callback):
     def __init__(self, policy:MaskPolicy): # how the masks are chosen
         if not isinstance(policy, MaskPolicy): raise TypeError(f"policy must be a MaskPolicy, got {type(policy).__name__}")
         self.policy,self._report,self._live,self._in_fit,self._depth,self._span = policy,None,False,False,0,None
+        self._cancel,self._reloaded = None,False
         self._init_state()
     def _init_state(self):
         "The state `_stateattrs` keeps out of a pickle (`learn.export()`), as it is before a fit"
@@ -104,8 +105,10 @@ class MaskedTraining(Callback):
     def training(self): return self.learn.training if self.learn is not None else True  # read by fastai on every event
 
     # ---- the fit: `Learner.fit` (below) brackets it with `_enter_fit` and `_exit_fit`
-    def _enter_fit(self, learn):
-        self._in_fit,self._depth,self._learn,self._cancel = True,0,learn,None
+    def _enter_fit(self, learn, cbs):
+        # `lr_find` runs a fit to probe learning rates, then restores the weights: the callback stands aside
+        aside = any(isinstance(c, LRFinder) for c in L(cbs) + L(learn.cbs))
+        self._in_fit,self._depth,self._learn,self._cancel,self._reloaded = not aside,0,learn,None,False
     def before_fit(self):
         "Build the core for this fit (or take it up again in a fine-tune's second fit), restore a loaded checkpoint, show the column"
         if not self._in_fit: return        # `validate`/`get_preds` outside a fit
@@ -179,11 +182,13 @@ class MaskedTraining(Callback):
             if last and self._cancel is None: self.core.finish()
         finally: self.cleanup()
     def _exit_fit(self, learn, failed:bool):
-        "Called by `Learner.fit` however the fit ended: clean up, and say where the sparsity falls short of the promise"
-        self._in_fit,self._depth = False,0
+        "Called by `Learner.fit` however the fit ended: clean up, report the weights as they are, say where they fall short of the promise"
+        was,self._in_fit,self._depth = self._in_fit,False,0
         try: self.cleanup(learn)
         finally: self._learn = None
-        if not failed and self.core is not None and (self._span is None or self._span['fits'] >= self._span['n']): self._check_promise()
+        if not was or self.core is None: return
+        self._report = learn._fastsparse_report = self.core.sparsity_report()   # after every `after_fit`: the weights the user keeps
+        if not failed and (self._span is None or self._span['fits'] >= self._span['n']): self._check_promise()
 
     # ---- cleanup, however the fit ended
     def cleanup(self, learn=None):
@@ -215,10 +220,19 @@ class MaskedTraining(Callback):
             e,n = self._cancel; cause = f"the fit was cancelled in epoch {e + 1} of {n} (e.g. `EarlyStoppingCallback`), before the schedule ended"
         else: cause = "the schedule had not reached its end when training stopped"
         worst = ', '.join(f"{n} {a:.1%} (asked {t:.1%})" for n,a,t in rows[:6]) + (', ...' if len(rows) > 6 else '')
+        if getattr(core.policy, 'context', 'local') == 'global':   # one threshold over all: the promise is their total
+            N = sum(t.weight.numel() for t in sp.tensors.values())
+            Z = sum(int((t.weight == 0).sum()) for t in sp.tensors.values())
+            worst = f"all {len(sp.tensors)} together {Z / N:.1%} (asked {core.policy.sparsity:.1%}; per tensor " + \
+                    ', '.join(f"{n} {a:.1%}" for n,a,_ in rows[:6]) + (', ...' if len(rows) > 6 else '') + ')'
+        fix = ("keep the best model among the epochs at the final sparsity with `SaveSparseModelCallback`" if self._reloaded else
+               "stop early only once the sparsity is final with `SparseEarlyStoppingCallback`, or end the schedule before early stopping can trigger")
         warnings.warn(f"{type(self).__name__}: {len(rows)} of {len(sp.tensors)} tensors end below the sparsity asked, because "
-                      f"{cause}: {worst}. To keep the best model at the final sparsity use `SaveModelCallback` with "
-                      "`SparsityReached` (see the docs), or end the schedule before early stopping can trigger.")
-    _reloaded = False
+                      f"{cause}: {worst}. To get the sparsity asked, {fix} (fastsparse.tracker).")
+    @property
+    def settled(self) -> bool:
+        "Whether the masks will not change for the rest of this fit: the model holds its final sparsity"
+        return self.core is not None and self.core.settled()
 
     # ---- the progress column
     def _show_column(self):
@@ -239,8 +253,7 @@ class MaskedTraining(Callback):
             raise ValueError(f"the checkpoint was saved by {got.get('callback') if isinstance(got, dict) else '?'}, "
                              f"not by {type(self).__name__}: load it into a Learner holding that callback")
         if self._live: self._restore(got)
-        elif self._in_fit: self._reloaded = True   # after our `after_fit`: the model's weights are what the next fit starts from
-        else: self._pending = got
+        elif not self._in_fit: self._pending = got   # (after our `after_fit`: the model's weights are what a next fit starts from)
     def _restore(self, got:dict):
         self.core.load_state_dict({k: v for k,v in got.items() if k != 'callback'})
 
@@ -272,7 +285,7 @@ def _ours(learn, cbs=None) -> list:
 def fit(self:Learner, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
     "fastai's `Learner.fit`; however it ends, every callback that trains with masks is left clean"
     ours = _ours(self, cbs)
-    for cb in ours: cb._enter_fit(self)
+    for cb in ours: cb._enter_fit(self, cbs)
     failed = True
     try:
         res = _fit(self, n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt, start_epoch=start_epoch)
@@ -317,8 +330,10 @@ def load(self:Learner, file, device=None, **kwargs):
     h = unwrap_model(self.model).register_load_state_dict_pre_hook(take)
     try: res = _load(self, file, device=device, **kwargs)
     finally: h.remove()
+    ours = [cb for cb in self.cbs if isinstance(cb, MaskedTraining)]
+    for cb in ours:
+        if cb._in_fit and not cb._live: cb._reloaded = True   # weights replaced after the fit's last batch (`SaveModelCallback`)
     if got:
-        ours = [cb for cb in self.cbs if isinstance(cb, MaskedTraining)]
         if ours: ours[0]._loaded(got[0])
         else: _logger.info("loaded %s without its sparse-training state: this Learner holds no callback that trains with masks", file)
     return res
