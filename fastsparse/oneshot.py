@@ -18,8 +18,8 @@ from .sparsifier import Sparsifier
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['METHODS', 'sparsegpt_prune', 'layer_rows', 'weight_matrix', 'from_matrix', 'sparsegpt_unsound', 'tensor_method',
-           'calibration_batches', 'find_blocks', 'sparsify_oneshot']
+__all__ = ['METHODS', 'prepare_hessian', 'sparsegpt_prune', 'layer_rows', 'weight_matrix', 'from_matrix', 'sparsegpt_unsound',
+           'tensor_method', 'calibration_batches', 'find_blocks', 'sparsify_oneshot']
 
 # %% ../nbs/04c_oneshot.ipynb #0c1a0006
 _SUB = 16  # columns per sub-block of the sweep: each column updates only its sub-block, the sub-block the rest in one product
@@ -33,15 +33,26 @@ def _hinv(H:Tensor, damp:float, name:str='') -> Tensor:
         Hd[d, d] += max(damp * 10**i, 1e-8 if i else damp) * base
         L,info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            U,info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            U,info = torch.linalg.cholesky_ex(torch.cholesky_solve(torch.eye(len(d), device=H.device), L), upper=True)
             if info == 0:
                 if i: warnings.warn(f"{name or 'a layer'}: its input Hessian needed damp={damp * 10**i:g} to be positive definite")
                 return U
     raise ValueError(f"{name or 'a layer'}: the Hessian of its inputs is not positive definite even with damp={damp * 10**5:g}")
 
 @torch.no_grad()
+def prepare_hessian(H:Tensor, # (columns, columns) Hessian of a layer's inputs, XᵀX (any positive scale)
+                    damp:float=0.01, # added to H's diagonal, as a fraction of its mean
+                    name:str='', # the tensor's name, for messages
+                   ) -> tuple: # (upper Cholesky factor of the damped H⁻¹, (columns, 1) float: 0 for a dead input, else 1)
+    "What SparseGPT needs of H, once for every layer that shares it: dead inputs set to `H_jj = 1`, damping, Cholesky factor of H⁻¹"
+    H = H.detach().float().clone()
+    alive = (H.diagonal() != 0).float()[:, None]  # a dead input: zero on every sample
+    H[alive[:, 0] == 0, alive[:, 0] == 0] = 1.
+    return _hinv(H, damp, name),alive
+
+@torch.no_grad()
 def sparsegpt_prune(W:Tensor, # (rows, columns) weight: rows are outputs, columns inputs (not modified)
-                    H:Tensor, # (columns, columns) Hessian of the inputs, XᵀX (any positive scale)
+                    H:Tensor, # (columns, columns) Hessian of the inputs, XᵀX (any positive scale), or `prepare_hessian(H)`
                     k:int=None, # unstructured: prune exactly this many weights
                     nm:tuple=None, # (n, m): keep n of every m consecutive columns in each row instead
                     damp:float=0.01, # added to H's diagonal, as a fraction of its mean
@@ -51,12 +62,8 @@ def sparsegpt_prune(W:Tensor, # (rows, columns) weight: rows are outputs, column
     "SparseGPT on one matrix: choose the mask from w²/[H⁻¹]²_jj block by block and update the kept weights to make up for the pruned ones"
     rows,cols = W.shape
     if (k is None) == (nm is None): raise ValueError("give one of k (unstructured count) or nm (n, m)")
-    H = H.detach().float().clone()
+    U,alive = H if isinstance(H, tuple) else prepare_hessian(H, damp, name)
     Wt = W.detach().float().t().contiguous()  # column-major: column j is the contiguous row Wt[j]
-    alive = (H.diagonal() != 0).float()[:, None]  # a dead input: zero on every sample
-    H[alive[:, 0] == 0, alive[:, 0] == 0] = 1.
-    U = _hinv(H, damp, name)
-    del H
     if nm is not None:
         n,m = nm
         block_size = max(m, block_size // m * m)
@@ -70,7 +77,7 @@ def sparsegpt_prune(W:Tensor, # (rows, columns) weight: rows are outputs, column
         if nm is None:
             kb = round(k * i2 * rows / N) - round(k * i1 * rows / N)
             scores = (Wb.square() / d[:, None].square() * alive[i1:i2]).reshape(-1)
-            Kb.copy_(select_keep([ScoreFn(lambda: scores, scores.numel())], kb)[0].view(c, rows))
+            Kb.view(-1)[torch.argsort(scores, stable=True)[:kb]] = False  # the kb lowest, ties by position
         scale = Kb.logical_not().float().div_(d[:, None])  # err_j = w_j * pruned_j / d_j
         err = torch.empty_like(Wb)
         for j1 in range(0, c, sub):
@@ -281,19 +288,22 @@ def _keep_from_scores(sp, n, scores, s) -> Tensor:
     shape = t.weight.shape
     if sp.nm is not None:
         a,b = sp.nm
-        return nm_mask_gradual(scores, a, b, t.layout.view_in_dim, min(1., s / (1 - a/b))).reshape(shape)
+        frac = min(1., s / (1 - a/b))
+        if frac == 1: return nm_mask(scores, a, b, t.layout.view_in_dim).reshape(shape)  # what `nm_mask_gradual` gives at 1, faster
+        return nm_mask_gradual(scores, a, b, t.layout.view_in_dim, frac).reshape(shape)
     flat = scores.reshape(-1).cpu()
     return select_keep([ScoreFn(lambda: flat, flat.numel())], round(s * flat.numel()))[0].view(shape).to(t.weight.device)
 
 # %% ../nbs/04c_oneshot.ipynb #0c1a0024
 class _OneShot:
-    "One run of `sparsify_oneshot`: the held batches, the blocks, and the layer-by-layer calibration and pruning"
+    "One run of `sparsify_oneshot`: the held batches, the blocks, and the group-by-group calibration and pruning"
     def __init__(self, model, sp, targets, methods, batches, damp, block_size, blocks, sequential):
         self.model,self.sp,self.targets,self.methods,self.batches = model,sp,targets,methods,batches
         self.damp,self.block_size,self.sequential = damp,block_size,sequential
         self.names = {id(m): mn for mn,m in model.named_modules()}
         self.keys = [n for n in sp.tensors if targets.get(n, 0) > 0 and methods[n] != 'dense']
-        self.blocks = find_blocks(model, [self.names[id(_watched(sp.tensors[n]))] for n in self.keys], blocks)
+        self.mod = {n: _watched(sp.tensors[n]) for n in self.keys}
+        self.blocks = find_blocks(model, [self.names[id(self.mod[n])] for n in self.keys], blocks)
         self.grad = any(isinstance(t.module, nn.MultiheadAttention) or isinstance(t.parent, nn.MultiheadAttention)
                         for t in sp.tensors.values())  # with autograd on, attention runs its forward (and hooks), not a fused path
         am = [kw.get('attention_mask') for _,kw in batches]
@@ -301,7 +311,7 @@ class _OneShot:
         self.row_mask,self.held,self.stat_bytes,self.peak,self.seconds,self.mode = None,None,0,0,{},'no data needed'
 
     def _note(self):
-        "Track the most bytes held at once: the blocks' inputs and one layer's statistics"
+        "Track the most bytes held at once: the block's inputs and one group's statistics"
         self.peak = max(self.peak, _nbytes(self.held) + self.stat_bytes)
 
     def _run_model(self):
@@ -318,16 +328,16 @@ class _OneShot:
             try: b(*a, **kw)
             except _Stop: pass
 
-    # --- the first pass: data reaches every layer? do the blocks chain? in which order do the layers run?
+    # --- a first look: does data reach every layer? in which order do they run? do the blocks chain?
     def trace(self):
-        "Run the untouched model over the data: count each layer's calls, order the layers, and check that the blocks chain"
-        mods = {id(_watched(self.sp.tensors[n])): _watched(self.sp.tensors[n]) for n in self.keys}
-        calls,first,clock,b0 = {k: 0 for k in mods},{},[0],{}
+        "Run the untouched model on the first batch (and on more while a layer has had no call): order, counts, inputs, chain"
+        mods = {id(m): m for m in self.mod.values()}
+        calls,first,inputs,clock = {k: 0 for k in mods},{},{},[0]
         binp,bout,bspan = [[] for _ in self.blocks],[[] for _ in self.blocks],[[None, None] for _ in self.blocks]
         def tick(): clock[0] += 1; return clock[0]
         def on_call(m, a, o):
             calls[id(m)] += 1
-            if self.batch == 0: b0[id(m)] = b0.get(id(m), 0) + 1; first.setdefault(id(m), tick())
+            if self.batch == 0: first.setdefault(id(m), tick()); inputs.setdefault(id(m), a[0] if a else None)
         hooks = [m.register_forward_hook(on_call) for m in mods.values()]
         for j,(_,b) in enumerate(self.blocks):
             def pre(m, a, kw, j=j):
@@ -336,19 +346,40 @@ class _OneShot:
                 if self.batch == 0: bout[j].append(out); bspan[j][1] = tick()
             hooks += [b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post, with_kwargs=True)]
         try:
-            for self.batch,(a,kw) in enumerate(self.batches): self.model(*a, **kw)
+            for self.batch,(a,kw) in enumerate(self.batches):
+                if self.batch and all(calls.values()): break
+                self.model(*a, **kw)
+                if self.batch == 0: once = {k: c == 1 for k,c in calls.items()}
         finally:
             for h in hooks: h.remove()
-        dead = [n for n in self.keys if calls[id(_watched(self.sp.tensors[n]))] == 0]
+        dead = [n for n in self.keys if calls[id(self.mod[n])] == 0]
         if dead:
             raise ValueError(f"the layers of {dead} receive no data: the model never calls them on these batches, so "
                              f"{sorted({self.methods[n] for n in dead})} cannot calibrate them; leave them out (exclude=) or prune them with method='magnitude'")
-        self.order = sorted(self.keys, key=lambda n: first.get(id(_watched(self.sp.tensors[n])), math.inf))
-        self.once = {k: b0.get(k, 0) == 1 for k in mods}  # called once per pass: a pass can end right after it
+        self.order = sorted(self.keys, key=lambda n: first.get(id(self.mod[n]), math.inf))
+        self.once = once  # called once per pass: a pass can end right after it
         self.chain,why = self._chains(binp, bout, bspan, first)
         self.mode = 'chained blocks' if self.chain else 'model up to each layer'
         if self.blocks and not self.chain: _logger.info(f"blocks {[n for n,_ in self.blocks]} do not chain ({why}); each layer is calibrated by running the model up to it")
-        del binp, bout
+        self.groups = self._groups(inputs)
+
+    def _in_block(self, n):
+        "The index of the block that holds tensor `n`'s layer, or None"
+        mn = self.names[id(self.mod[n])]
+        return next((j for j,(bn,_) in enumerate(self.blocks) if _inside(mn, bn)), None)
+
+    def _groups(self, inputs) -> list:
+        "Consecutive tensors of one method whose layers took the very same input tensor (q, k and v): calibrated in one pass"
+        groups = []
+        for n in self.order:
+            g = groups[-1] if groups else None
+            m,x = self.mod[n],inputs.get(id(self.mod[n]))
+            if g and x is not None and x is inputs.get(id(self.mod[g[0]])) and self.methods[n] == self.methods[g[0]] and \
+               self._in_block(n) == self._in_block(g[0]) and (self.methods[n] != 'sparsegpt' or
+               (isinstance(m, nn.Linear) and isinstance(self.mod[g[0]], nn.Linear) and m.in_features == self.mod[g[0]].in_features)):
+                g.append(n)
+            else: groups.append([n])
+        return groups
 
     def _chains(self, binp, bout, bspan, first) -> tuple:
         "Whether the blocks chain on the first batch (each called once, output to the next one's input), and why not"
@@ -367,47 +398,52 @@ class _OneShot:
             self.slots.append(s)
         start,end = bspan[0][0],bspan[-1][1]
         for n in self.keys:
-            mn = self.names[id(_watched(self.sp.tensors[n]))]
-            if any(_inside(mn, bn) for bn,_ in self.blocks): continue
-            f = first.get(id(_watched(self.sp.tensors[n])), math.inf)
-            if start < f < end: return False,f"{n!r} runs between the blocks"
+            if self._in_block(n) is None and start < first.get(id(self.mod[n]), math.inf) < end:
+                return False,f"{n!r} runs between the blocks"
         return True,''
 
-    # --- one layer: statistics, then its mask (and, with SparseGPT, its new weights)
-    def calibrate(self, n, run):
-        "Gather tensor `n`'s statistics with `run()` (passes over the data); None for magnitude"
-        t,method = self.sp.tensors[n],self.methods[n]
-        if method == 'magnitude': return None
-        m = _watched(t)
-        stop = self.once[id(m)]
+    # --- one group: statistics, then each tensor's mask (and, with SparseGPT, its new weights)
+    def calibrate(self, g, run) -> dict:
+        "Gather the statistics of group `g` with `run()` (passes over the data): {tensor: Hessian or input norms}; none for magnitude"
+        method = self.methods[g[0]]
+        if method == 'magnitude': return {n: None for n in g}
+        last = self.mod[g[-1]]
+        stop = all(self.once[id(self.mod[n])] for n in g)
+        hooks,H = [],None
         if method == 'wanda':
-            read = activation_source(t)[1]
-            def masked(a, kw):
-                xs = read(a, kw)
-                rm = self.row_mask
-                return [(x[rm],-1) if rm is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(rm.shape) and d % 3 == 2 else (x,d)
-                        for x,d in xs]
-            inner = activation_hook(self.sp, n, masked)
-            def hook(mod, a, kw, out):
-                inner(mod, a, kw, out)
+            for n in g:
+                read = activation_source(self.sp.tensors[n])[1]
+                def masked(a, kw, read=read):
+                    rm = self.row_mask
+                    return [(x[rm],-1) if rm is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(rm.shape) and d % 3 == 2 else (x,d)
+                            for x,d in read(a, kw)]
+                inner = activation_hook(self.sp, n, masked)
+                def hook(mod, a, kw, out, inner=inner):
+                    inner(mod, a, kw, out)
+                    if stop and mod is last: raise _Stop()
+                hooks.append(self.mod[n].register_forward_hook(hook, with_kwargs=True))
+        else:
+            m = self.mod[g[0]]
+            cols = weight_matrix(m).shape[1]
+            H = torch.zeros(cols, cols, device=m.weight.device)
+            self.stat_bytes = _nbytes(H); self._note()
+            def hook(mod, a, out):  # the group's layers take the same input: one Hessian, from the first
+                X = layer_rows(mod, a[0], self.row_mask)
+                H.addmm_(X.t(), X)
+                if stop and mod is last: raise _Stop()
+            hooks.append(m.register_forward_hook(hook))
+            def stopper(mod, a, out):
                 if stop: raise _Stop()
-            h = m.register_forward_hook(hook, with_kwargs=True)
-            try: run()
-            finally: h.remove()
-            self.stat_bytes = _nbytes(self.sp.state[n].get('_act_sq')); self._note()
-            finish_activations(self.sp)
-            return self.sp.state[n].pop('act')
-        cols = weight_matrix(m).shape[1]
-        H = torch.zeros(cols, cols, device=t.weight.device)
-        self.stat_bytes = _nbytes(H); self._note()
-        def hook(mod, a, out):
-            X = layer_rows(mod, a[0], self.row_mask)
-            H.addmm_(X.t(), X)
-            if stop: raise _Stop()
-        h = m.register_forward_hook(hook)
+            if last is not m: hooks.append(last.register_forward_hook(stopper))
         try: run()
-        finally: h.remove()
-        return H
+        finally:
+            for h in hooks: h.remove()
+        if H is not None:
+            prep = prepare_hessian(H, self.damp, g[0])
+            return {n: prep for n in g}
+        self.stat_bytes = sum(_nbytes(self.sp.state[n].get('_act_sq')) for n in g); self._note()
+        finish_activations(self.sp)
+        return {n: self.sp.state[n].pop('act') for n in g}
 
     @torch.no_grad()
     def prune(self, n, stat):
@@ -426,51 +462,51 @@ class _OneShot:
         sp.store_mask(t.name, keep)
         sp.targets[n] = s
         w.data.masked_fill_(~sp.masks[t.name], 0.)
-        self.stat_bytes = 0
 
-    def layer(self, n, run):
-        "Calibrate and prune tensor `n`"
+    def group(self, g, run):
+        "Calibrate group `g` in one pass over the data, then prune each of its tensors"
         t0 = time.perf_counter()
-        self.prune(n, self.calibrate(n, run))
-        self.seconds[n] = time.perf_counter() - t0
-        _logger.info(f"{n}: {self.methods[n]} to sparsity {self.targets[n]:.4g} ({self.seconds[n]:.2f} s)")
+        stats = self.calibrate(g, run)
+        share = (time.perf_counter() - t0) / len(g)
+        for n in g:
+            t1 = time.perf_counter()
+            self.prune(n, stats[n])
+            self.seconds[n] = share + time.perf_counter() - t1
+            _logger.info(f"{n}: {self.methods[n]} to sparsity {self.targets[n]:.4g} ({self.seconds[n]:.2f} s)")
+        self.stat_bytes = 0
 
     # --- the whole model
     def run(self):
         "Calibrate and prune every tensor, in the order the layers run (reversed with sequential=False)"
         if all(self.methods[n] == 'magnitude' for n in self.keys):
-            for n in self.keys: self.layer(n, None)
+            for n in self.keys: self.group([n], None)
             return
         with torch.set_grad_enabled(self.grad):
             self.trace()
             if not self.chain:
-                for n in (self.order if self.sequential else self.order[::-1]): self.layer(n, self._run_model)
+                for g in (self.groups if self.sequential else [g[::-1] for g in self.groups[::-1]]): self.group(g, self._run_model)
                 return
-            inb = lambda n: next((j for j,(bn,_) in enumerate(self.blocks) if _inside(self.names[id(_watched(self.sp.tensors[n]))], bn)), None)
-            where = {n: inb(n) for n in self.order}
-            outside = [n for n in self.order if where[n] is None]
-            before = [n for n in outside if self.order.index(n) < min((self.order.index(n2) for n2 in self.order if where[n2] is not None), default=math.inf)]
-            for n in before: self.layer(n, self._run_model)
+            where = [self._in_block(g[0]) for g in self.groups]
+            j0 = next(i for i,w in enumerate(where) if w is not None) if any(w is not None for w in where) else len(where)
+            for g in self.groups[:j0]: self.group(g, self._run_model)  # layers before the first block
             self.held = []
             def capture(m, a, kw):
                 self.held.append((a, kw)); raise _Stop()
             h = self.blocks[0][1].register_forward_pre_hook(capture, with_kwargs=True)
-            try:
-                for a,kw in self.batches:
-                    try: self.model(*a, **kw)
-                    except _Stop: pass
+            try: self._run_model()
             finally: h.remove()
             self._note()
             for j,(bn,b) in enumerate(self.blocks):
-                for n in [n for n in self.order if where[n] == j]: self.layer(n, lambda: self._run_block(b))
+                for g,w in zip(self.groups, where):
+                    if w == j: self.group(g, lambda: self._run_block(b))
                 if j + 1 < len(self.blocks):
                     for i,(a,kw) in enumerate(self.held):
                         self.row_mask = self.row_masks[i]
                         self.held[i] = _put(a, kw, self.slots[j+1], _first(b(*a, **kw)))
                     self._note()
             self.held = None
-            for n in outside:
-                if n not in before: self.layer(n, self._run_model)
+            for g,w in zip(self.groups[j0:], where[j0:]):
+                if w is None: self.group(g, self._run_model)  # layers after the last block
 
 # %% ../nbs/04c_oneshot.ipynb #0c1a0026
 @torch.no_grad()
