@@ -15,8 +15,10 @@ from .select import *
 from .tensors import *
 from .calibrate import *
 from .sparsifier import *
+from .oneshot import *
 from .training import *
 from .callback import *
+from .distill import *
 from .sensitivity import *
 from .export import *
 from .dst import *
