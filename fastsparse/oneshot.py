@@ -25,27 +25,30 @@ __all__ = ['METHODS', 'prepare_hessian', 'sparsegpt_prune', 'layer_rows', 'weigh
 _SUB = 16  # columns per sub-block of the sweep: each column updates only its sub-block, the sub-block the rest in one product
 
 def _hinv(H:Tensor, damp:float, name:str='') -> Tensor:
-    "Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹; the damping grows tenfold (with a warning) while H is not positive definite"
-    d = torch.arange(H.shape[0], device=H.device)
-    base = H.diagonal().mean().item()
+    "Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, `H` damped in place; the damping grows tenfold (with a warning) while H is not positive definite"
+    # With J the flip of the index order, J·H·J = L·Lᵀ gives H⁻¹ = Uᵀ·U for U = J·L⁻¹·J, upper triangular: one Cholesky
+    # factorisation and one triangular inverse, and never more than three matrices of H's size at once
+    d,base,added = H.diagonal(),H.diagonal().mean().item(),0.
     for i in range(6):
-        Hd = H.clone()
-        Hd[d, d] += max(damp * 10**i, 1e-8 if i else damp) * base
-        L,info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            U,info = torch.linalg.cholesky_ex(torch.cholesky_solve(torch.eye(len(d), device=H.device), L), upper=True)
-            if info == 0:
-                if i: warnings.warn(f"{name or 'a layer'}: its input Hessian needed damp={damp * 10**i:g} to be positive definite")
-                return U
-    raise ValueError(f"{name or 'a layer'}: the Hessian of its inputs is not positive definite even with damp={damp * 10**5:g}")
+        want = (damp * 10**i if damp or not i else 1e-8 * 10**i) * base
+        d.add_(want - added); added = want
+        L,info = torch.linalg.cholesky_ex(torch.flip(H, (0, 1)))
+        if info == 0: break
+    else: raise ValueError(f"{name or 'a layer'}: the Hessian of its inputs is not positive definite even with damp={want / base:g}")
+    if i: warnings.warn(f"{name or 'a layer'}: its input Hessian needed damp={want / base:g} to be positive definite")
+    M = torch.linalg.solve_triangular(L, torch.eye(len(d), device=H.device), upper=False)
+    del L
+    return torch.flip(M, (0, 1))
 
 @torch.no_grad()
 def prepare_hessian(H:Tensor, # (columns, columns) Hessian of a layer's inputs, XᵀX (any positive scale)
                     damp:float=0.01, # added to H's diagonal, as a fraction of its mean
                     name:str='', # the tensor's name, for messages
+                    inplace:bool=False, # damp `H` itself (float32) instead of a copy
                    ) -> tuple: # (upper Cholesky factor of the damped H⁻¹, (columns, 1) float: 0 for a dead input, else 1)
     "What SparseGPT needs of H, once for every layer that shares it: dead inputs set to `H_jj = 1`, damping, Cholesky factor of H⁻¹"
-    H = H.detach().float().clone()
+    H = H.detach()
+    if not inplace or H.dtype != torch.float32: H = H.float().clone()
     alive = (H.diagonal() != 0).float()[:, None]  # a dead input: zero on every sample
     H[alive[:, 0] == 0, alive[:, 0] == 0] = 1.
     return _hinv(H, damp, name),alive
@@ -439,7 +442,7 @@ class _OneShot:
         finally:
             for h in hooks: h.remove()
         if H is not None:
-            prep = prepare_hessian(H, self.damp, g[0])
+            prep = prepare_hessian(H, self.damp, g[0], inplace=True)
             return {n: prep for n in g}
         self.stat_bytes = sum(_nbytes(self.sp.state[n].get('_act_sq')) for n in g); self._note()
         finish_activations(self.sp)
