@@ -368,7 +368,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'fastsparse.nm.parse_nm': ('nm.html#parse_nm', 'fastsparse/nm.py')},
             'fastsparse.oneshot': { 'fastsparse.oneshot._OneShot': ('oneshot.html#_oneshot', 'fastsparse/oneshot.py'),
                                     'fastsparse.oneshot._OneShot.__init__': ('oneshot.html#_oneshot.__init__', 'fastsparse/oneshot.py'),
-                                    'fastsparse.oneshot._OneShot._chains': ('oneshot.html#_oneshot._chains', 'fastsparse/oneshot.py'),
                                     'fastsparse.oneshot._OneShot._groups': ('oneshot.html#_oneshot._groups', 'fastsparse/oneshot.py'),
                                     'fastsparse.oneshot._OneShot._in_block': ('oneshot.html#_oneshot._in_block', 'fastsparse/oneshot.py'),
                                     'fastsparse.oneshot._OneShot._note': ('oneshot.html#_oneshot._note', 'fastsparse/oneshot.py'),

@@ -333,26 +333,53 @@ class _OneShot:
 
     # --- a first look: does data reach every layer? in which order do they run? do the blocks chain?
     def trace(self):
-        "Run the untouched model on the first batch (and on more while a layer has had no call): order, counts, inputs, chain"
+        "Run the untouched model on the first batch (and on more while a layer has had no call): order, counts, shared inputs, chain"
         mods = {id(m): m for m in self.mod.values()}
-        calls,first,inputs,clock = {k: 0 for k in mods},{},{},[0]
-        binp,bout,bspan = [[] for _ in self.blocks],[[] for _ in self.blocks],[[None, None] for _ in self.blocks]
+        calls,first,shared,clock,last = {k: 0 for k in mods},{},{},[0],[None]
+        self.chain,why = self.sequential and len(self.blocks) > 1,'' if self.sequential else 'sequential=False'
+        if len(self.blocks) < 2: why = why or 'fewer than 2 blocks'
+        prev,span,self.slots,bcalls = [None],[None, None],[None],[0] * len(self.blocks)
         def tick(): clock[0] += 1; return clock[0]
         def on_call(m, a, o):
             calls[id(m)] += 1
-            if self.batch == 0: first.setdefault(id(m), tick()); inputs.setdefault(id(m), a[0] if a else None)
+            if self.batch: return
+            first.setdefault(id(m), tick())
+            x = a[0] if a else None
+            shared.setdefault(id(m), x is not None and x is last[0])  # the very tensor the layer called before took (q, k, v)
+            last[0] = x
         hooks = [m.register_forward_hook(on_call) for m in mods.values()]
-        for j,(_,b) in enumerate(self.blocks):
-            def pre(m, a, kw, j=j):
-                if self.batch == 0: binp[j].append((a, kw)); bspan[j][0] = bspan[j][0] or tick()
+        def fail(reason):
+            nonlocal why
+            if self.chain: self.chain,why = False,reason
+        for j,(bn,b) in enumerate(self.blocks):
+            def pre(m, a, kw, j=j, bn=bn):
+                if self.batch or not self.chain: return
+                bcalls[j] += 1
+                if span[0] is None: span[0] = tick()
+                if j and prev[0] is None: return fail('a block is not called exactly once per batch')
+                if j:  # the previous block's output must come in here, every other argument the same
+                    pa,pkw,pout = prev[0]
+                    x = _first(pout)
+                    s = None if x is None else _slot(a, kw, x)
+                    if s is None: return fail(f"the output of {self.blocks[j-1][0]} is not the input of {bn}")
+                    if len(a) != len(pa) or set(kw) != set(pkw) or not all(_same(u, v) for i,(u,v) in enumerate(zip(pa, a)) if i != s) \
+                       or not all(_same(pkw[k], kw[k]) for k in kw if k != s):
+                        return fail(f"{bn} takes other arguments than {self.blocks[j-1][0]}")
+                    if len(self.slots) != j: return fail('a block is not called exactly once per batch')
+                    self.slots.append(s)
+                prev[0] = (a, kw, None)
             def post(m, a, kw, out, j=j):
-                if self.batch == 0: bout[j].append(out); bspan[j][1] = tick()
+                if self.batch or not self.chain: return
+                prev[0] = (a, kw, out) if j + 1 < len(self.blocks) else None
+                span[1] = tick()
             hooks += [b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post, with_kwargs=True)]
         try:
             for self.batch,(a,kw) in enumerate(self.batches):
                 if self.batch and all(calls.values()): break
                 self.model(*a, **kw)
-                if self.batch == 0: once = {k: c == 1 for k,c in calls.items()}
+                if self.batch == 0:
+                    once = {k: c == 1 for k,c in calls.items()}
+                    prev[0] = last[0] = None
         finally:
             for h in hooks: h.remove()
         dead = [n for n in self.keys if calls[id(self.mod[n])] == 0]
@@ -361,49 +388,31 @@ class _OneShot:
                              f"{sorted({self.methods[n] for n in dead})} cannot calibrate them; leave them out (exclude=) or prune them with method='magnitude'")
         self.order = sorted(self.keys, key=lambda n: first.get(id(self.mod[n]), math.inf))
         self.once = once  # called once per pass: a pass can end right after it
-        self.chain,why = self._chains(binp, bout, bspan, first)
+        if self.chain and (bcalls != [1] * len(self.blocks) or len(self.slots) != len(self.blocks)):
+            fail('a block is not called exactly once per batch')
+        if self.chain:
+            for n in self.keys:
+                if self._in_block(n) is None and span[0] < first.get(id(self.mod[n]), math.inf) < span[1]: fail(f"{n!r} runs between the blocks")
         self.mode = 'chained blocks' if self.chain else 'model up to each layer'
         if self.blocks and not self.chain: _logger.info(f"blocks {[n for n,_ in self.blocks]} do not chain ({why}); each layer is calibrated by running the model up to it")
-        self.groups = self._groups(inputs)
+        self.groups = self._groups(shared)
 
     def _in_block(self, n):
         "The index of the block that holds tensor `n`'s layer, or None"
         mn = self.names[id(self.mod[n])]
         return next((j for j,(bn,_) in enumerate(self.blocks) if _inside(mn, bn)), None)
 
-    def _groups(self, inputs) -> list:
+    def _groups(self, shared) -> list:
         "Consecutive tensors of one method whose layers took the very same input tensor (q, k and v): calibrated in one pass"
         groups = []
         for n in self.order:
             g = groups[-1] if groups else None
-            m,x = self.mod[n],inputs.get(id(self.mod[n]))
-            if g and x is not None and x is inputs.get(id(self.mod[g[0]])) and self.methods[n] == self.methods[g[0]] and \
-               self._in_block(n) == self._in_block(g[0]) and (self.methods[n] != 'sparsegpt' or
-               (isinstance(m, nn.Linear) and isinstance(self.mod[g[0]], nn.Linear) and m.in_features == self.mod[g[0]].in_features)):
+            m,m0 = self.mod[n],(self.mod[g[-1]] if g else None)
+            if g and shared.get(id(m)) and m is not m0 and self.methods[n] == self.methods[g[0]] and self._in_block(n) == self._in_block(g[0]) \
+               and (self.methods[n] != 'sparsegpt' or (isinstance(m, nn.Linear) and isinstance(m0, nn.Linear) and m.in_features == m0.in_features)):
                 g.append(n)
             else: groups.append([n])
         return groups
-
-    def _chains(self, binp, bout, bspan, first) -> tuple:
-        "Whether the blocks chain on the first batch (each called once, output to the next one's input), and why not"
-        if not self.sequential: return False,'sequential=False'
-        if len(self.blocks) < 2: return False,'fewer than 2 blocks'
-        if any(len(i) != 1 for i in binp): return False,'a block is not called exactly once per batch'
-        self.slots = [None]
-        for j in range(len(self.blocks) - 1):
-            (a,kw),(a2,kw2) = binp[j][0],binp[j+1][0]
-            x = _first(bout[j][0])
-            s = None if x is None else _slot(a2, kw2, x)
-            if s is None: return False,f"the output of {self.blocks[j][0]} is not the input of {self.blocks[j+1][0]}"
-            if len(a) != len(a2) or set(kw) != set(kw2) or \
-               not all(_same(u, v) for i,(u,v) in enumerate(zip(a, a2)) if i != s) or not all(_same(kw[k], kw2[k]) for k in kw if k != s):
-                return False,f"{self.blocks[j+1][0]} takes other arguments than {self.blocks[j][0]}"
-            self.slots.append(s)
-        start,end = bspan[0][0],bspan[-1][1]
-        for n in self.keys:
-            if self._in_block(n) is None and start < first.get(id(self.mod[n]), math.inf) < end:
-                return False,f"{n!r} runs between the blocks"
-        return True,''
 
     # --- one group: statistics, then each tensor's mask (and, with SparseGPT, its new weights)
     def calibrate(self, g, run) -> dict:
