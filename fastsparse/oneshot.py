@@ -27,7 +27,7 @@ _SUB = 16  # columns per sub-block of the sweep: each column updates only its su
 def _hinv(H:Tensor, damp:float, name:str='') -> Tensor:
     "Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, `H` damped in place; the damping grows tenfold (with a warning) while H is not positive definite"
     # With J the flip of the index order, J·H·J = L·Lᵀ gives H⁻¹ = Uᵀ·U for U = J·L⁻¹·J, upper triangular: one Cholesky
-    # factorisation and one triangular inverse, and never more than three matrices of H's size at once
+    # factorisation and one triangular inverse, where H⁻¹ itself would take a second factorisation
     d,base,added = H.diagonal(),H.diagonal().mean().item(),0.
     for i in range(6):
         want = (damp * 10**i if damp or not i else 1e-8 * 10**i) * base
