@@ -16,9 +16,11 @@ from .tensors import *
 from .calibrate import *
 from .sparsifier import *
 from .sparse_training import *
+from .oneshot import *
 from .training import *
 from .callback import *
 from .tracker import *
+from .distill import *
 from .sensitivity import *
 from .export import *
 from .dst import *
