@@ -15,8 +15,8 @@ from fastcore.script import call_parse
 from torch.utils.data import TensorDataset
 
 # %% auto #0
-__all__ = ['digits_data', 'ToImage', 'digits_datasets', 'digits_dls', 'digits_cnn', 'digits_mlp', 'ResBlock', 'small_resnet',
-           'main']
+__all__ = ['digits_data', 'ToImage', 'DigitLabel', 'digits_datasets', 'digits_dls', 'digits_cnn', 'digits_mlp', 'ResBlock',
+           'small_resnet', 'main']
 
 # %% ../nbs/12_demo.ipynb #77cde5ea
 class _Digits(TensorDataset):
@@ -44,6 +44,10 @@ class ToImage(Transform):
     "An image tensor `(channels, h, w)` as fastai's `TensorImage`, which `show_batch`, `show_results` and `predict` know how to draw"
     def encodes(self, x:Tensor): return TensorImage(x)
 
+class DigitLabel(Categorize):
+    "fastai's `Categorize` for the digits' labels, as plain tensors: a plain PyTorch loss (`F.cross_entropy`) takes them as they are"
+    def encodes(self, o): return Tensor.as_subclass(super().encodes(o), Tensor)
+
 def digits_datasets(size:int=8, # side of the square images
                     seed:int=42, # seed of the train/validation split
                     channels:int=1, # image channels
@@ -53,7 +57,7 @@ def digits_datasets(size:int=8, # side of the square images
     x,y = torch.cat([trn.x, val.x]),torch.cat([trn.y, val.y])
     splits = [list(range(len(trn.x))), list(range(len(trn.x), len(x)))]
     return Datasets(tls=[TfmdLists(list(x), [ToImage()], splits=splits),
-                         TfmdLists(y.tolist(), [Categorize(vocab=list(range(10)))], splits=splits)], n_inp=1)
+                         TfmdLists(y.tolist(), [DigitLabel(vocab=list(range(10)))], splits=splits)], n_inp=1)
 
 def digits_dls(bs:int=64, # batch size
                size:int=8, # image side
