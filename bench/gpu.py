@@ -33,7 +33,7 @@ and which sparse inference form pays.
     python bench/gpu.py --write-result bench/results/gpu.md   # ... and write the Benchmarks page's section from this run
     python bench/gpu.py --quick --device cpu                  # a smoke run on the CPU: tiny sizes, seconds
 """
-import argparse, contextlib, copy, datetime, io, os, platform, random, statistics, subprocess, sys, time, warnings
+import argparse, contextlib, copy, datetime, io, os, platform, random, statistics, subprocess, sys, time, traceback, warnings
 from pathlib import Path
 import torch, torch.nn as nn
 
@@ -214,7 +214,10 @@ def bench_training(a, dev, budget, res):
                     if budget.left(a.train_share) < 0:
                         print(f"  skipped (over --budget): {vname(v)}"); continue
                     # updating every `every` batches: a fit of `every` batches, whose last step is its one update
-                    rec = train_fit(v, models, x, y, a.every if what == 'updating' and v[2] == a.every else a.warmup + n, a, prec, fai)
+                    try: rec = train_fit(v, models, x, y, a.every if what == 'updating' and v[2] == a.every else a.warmup + n, a, prec, fai)
+                    except Exception as e:   # the other variants still run; the run's exit code says it failed
+                        res['errors'].append(f"{prec} {vname(v)}: {type(e).__name__}: {e}")
+                        print(f"  FAILED {vname(v)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"); continue
                     recs[v].append(rec); skipped[v] = skipped.get(v, 0) + rec.skipped
         rows = {v: [row for rec in recs[v] for row in rec.rows] for v in recs}
         if not rows[steady[0]]: print(f"{prec}: no dense batch timed"); continue
@@ -501,15 +504,21 @@ def main():
     print(f"device {device_name(dev)}; torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
           f"{torch.backends.cudnn.version() if dev.type == 'cuda' else '-'}; python {platform.python_version()}; commit {_commit()}")
     budget = Budget(a.budget)
-    res = {'training': {}, 'updates': [], 'inference': [], 'shrink': []}
+    res = {'training': {}, 'updates': [], 'inference': [], 'shrink': [], 'errors': []}
     if dev.type == 'cuda': torch.backends.cudnn.benchmark = True   # what GPU training usually runs with
     else: torch.set_num_threads(1)   # (a smoke run on a CPU that others share: threads that wait for each other only add noise)
     for s, f in (('1', bench_training), ('2', bench_updates), ('3', bench_inference)):
-        if s in sections: f(a, dev, budget, res)
-    print(f"\ntotal {budget.elapsed():.0f} s")
+        if s not in sections: continue
+        try: f(a, dev, budget, res)
+        except Exception as e:   # the next sections still run; the run's exit code says it failed
+            res['errors'].append(f"section {s}: {type(e).__name__}: {e}")
+            print(f"\nFAILED section {s}: {type(e).__name__}: {e}"); traceback.print_exc(file=sys.stdout)
+        if dev.type == 'cuda': torch.cuda.empty_cache()
+    print(f"\ntotal {budget.elapsed():.0f} s" + (f"; {len(res['errors'])} failures:\n  " + '\n  '.join(res['errors']) if res['errors'] else ''))
     sys.stdout = tee.out
     if a.write_result:
         write_result(a.write_result, res, a, tee.buf.getvalue(), cmd, dev)
         print(f"wrote {a.write_result}")
+    if res['errors']: sys.exit(1)
 
 if __name__ == '__main__': main()
