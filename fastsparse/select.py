@@ -16,12 +16,13 @@ __all__ = ['ScoreFn', 'select_keep', 'round_keep']
 
 # %% ../nbs/03a_select.ipynb #d2987a59
 class ScoreFn:
-    "A zero-argument callable returning 1-D float32 scores, with their count as `numel` (and `f_out(out)` writing into a buffer)"
+    "A zero-argument callable returning 1-D float32 scores, with their count as `numel`, their `device` (and `f_out(out)` writing into a CPU buffer)"
     def __init__(self,
                  f, # zero-argument function returning the 1-D float32 scores
                  numel:int, # how many scores `f` returns
-                 f_out=None): # optional `f_out(out)` writing the scores into the buffer `out` and returning it
-        self.f,self.numel,self.f_out = f,numel,f_out
+                 f_out=None, # optional `f_out(out)` writing the scores into the float32 CPU buffer `out` and returning it
+                 device=None): # where `f` returns its scores, and where masks that need no score are made (None: the CPU)
+        self.f,self.numel,self.f_out,self.device = f,numel,f_out,torch.device('cpu' if device is None else device)
 
     def __call__(self):
         "The scores, computed now"
@@ -52,8 +53,8 @@ def _keep_kth(s:Tensor, # 1-D float scores
              ) -> Tensor: # 1-D bool keep-mask
     "Keep-mask of `s` pruning exactly its `k` lowest scores, ties by position: one `kthvalue` and two passes"
     n = s.numel()
-    if k == 0: _check_finite(s); return torch.ones(n, dtype=torch.bool)
-    if k == n: _check_finite(s); return torch.zeros(n, dtype=torch.bool)
+    if k == 0: _check_finite(s); return torch.ones(n, dtype=torch.bool, device=s.device)
+    if k == n: _check_finite(s); return torch.zeros(n, dtype=torch.bool, device=s.device)
     v = torch.kthvalue(s, k).values  # NaN sorts last: the k-th is NaN only if fewer than k scores are numbers
     keep = torch.gt(s, v)
     n_le = n - int(torch.count_nonzero(keep))  # NaN counts here too: n_le == k means there is none
@@ -103,7 +104,7 @@ def _select_exact(score_fns:list, # per tensor, a `ScoreFn`
                   k:int, # number of scores to prune over all tensors
                  ) -> list: # boolean keep-masks, one per tensor
     "Keep-masks pruning the `k` lowest scores: bisection on ordered keys with counting passes, then ties in position order"
-    if k == 0: return [torch.ones(f.numel, dtype=torch.bool) for f in score_fns]
+    if k == 0: return [torch.ones(f.numel, dtype=torch.bool, device=getattr(f, 'device', None)) for f in score_fns]
     lo,hi = -(2**31), 2**31 - 1
     while lo < hi:
         mid = (lo + hi) // 2
@@ -130,6 +131,11 @@ def _bracket(smp:Tensor, # 1-D sample of the scores
     hi = torch.kthvalue(smp, i_hi + 1).values.item() if i_hi < n_smp else math.inf
     return lo,hi
 
+def _cap(N:int, # scores in all
+        ) -> int: # most candidates held at once: max(2^20, N/128)
+    "The default cap on the candidates: twice the most a bracket holds (its span is at most 0.4% of the scores, at rank 1/2)"
+    return max(1<<20, N >> 7)
+
 def _keep_held(s:Tensor, # 1-D float scores, all held
                k:int, # how many to prune, 0 < k < s.numel()
                sample_size:int, # most scores sampled to bracket the cut
@@ -139,7 +145,7 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
     N = s.numel()
     def at(v):  # the cut is `v` itself (a block of ties), or the bracket missed: resolve the ties at `v`, or bisect
         keeps = _cut_at([lambda: s], v, k)
-        return keeps[0] if keeps is not None else _select_exact([ScoreFn(lambda: s, N)], k)[0]
+        return keeps[0] if keeps is not None else _select_exact([ScoreFn(lambda: s, N, device=s.device)], k)[0]
     lo,hi = _bracket(s[::_step(N, sample_size)].contiguous(), k/N)
     if math.isnan(hi): _check_finite(s)  # NaN sorts last
     if lo == hi: return at(lo)  # a block of equal scores spans the bracket: the cut is most likely that value
@@ -152,7 +158,7 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
     mid = torch.lt(s, hi).logical_and_(le.logical_not_())  # lo < score < hi (never NaN)
     if N > cap and (n_mid := int(torch.count_nonzero(mid))) > cap:  # too many to gather: bisect instead
         _logger.info(f"select_keep: {n_mid} candidates, more than cap={cap}; exact fallback")
-        return _select_exact([ScoreFn(lambda: s, N)], k)[0]
+        return _select_exact([ScoreFn(lambda: s, N, device=s.device)], k)[0]
     cand = s.masked_select(mid)
     if kk > cand.numel(): return at(hi)
     t = torch.kthvalue(cand, kk).values  # the k-th smallest number
@@ -174,31 +180,36 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
                 k:int, # number of groups to prune over all tensors
                 sample_fns:list=None, # per tensor, `f(step)` returning the scores at positions 0, step, 2*step...
                 sample_size:int=1<<20, # most scores sampled to bracket the cut
-                cap:int=None, # most candidates held at once (default: max(2^20, N/256))
+                cap:int=None, # most candidates held at once (default: max(2^20, N/128))
                 small:int=1<<15, # up to this many scores in all, one `kthvalue` over all of them
                 hold:int=1<<22, # up to this many scores in all (over several tensors), held as one tensor
                 buf:Tensor=None) -> list: # float32 CPU tensor reused to hold up to `hold` scores (no new memory at each call)
-    "Boolean keep-masks (one per tensor) pruning exactly the `k` lowest scores overall, ties by position"
+    "Boolean keep-masks (one per tensor, on its scores' device) pruning exactly the `k` lowest scores overall, ties by position"
     if sample_fns is None: sample_fns = [None]*len(score_fns)
     sizes = [getattr(f, 'numel', None) for f in score_fns]
     if any(s is None for s in sizes): raise TypeError("score_fns must carry a `numel` attribute (see `ScoreFn`)")
     N = sum(sizes)
     k = check_number(k, 'k', lo=0, hi=N, integer=True)
-    if k == 0: return [torch.ones(n, dtype=torch.bool) for n in sizes]
-    if k == N: return [torch.zeros(n, dtype=torch.bool) for n in sizes]
-    cap = cap or max(1<<20, N >> 8)
+    if k == 0: return [torch.ones(n, dtype=torch.bool, device=getattr(f, 'device', None)) for n,f in zip(sizes, score_fns)]
+    if k == N: return [torch.zeros(n, dtype=torch.bool, device=getattr(f, 'device', None)) for n,f in zip(sizes, score_fns)]
+    cap = cap or _cap(N)
     if len(score_fns) == 1 or N <= hold:  # held as one tensor: one pass over it, the masks split from one
         if N <= hold and _fills(score_fns, buf, N):  # every tensor writes its scores into `buf`: no new memory
             st = 0
             for f in score_fns: f.f_out(buf[st:st+f.numel]); st += f.numel
             held = buf[:N]
-        else: held = score_fns[0]().reshape(-1) if len(score_fns) == 1 else torch.cat([f().reshape(-1) for f in score_fns])
+        elif len(score_fns) == 1: held = score_fns[0]().reshape(-1)
+        else:
+            ss = [f().reshape(-1) for f in score_fns]
+            held = torch.cat([s.to(ss[0].device) for s in ss])  # (a model spread over devices: held on the first one's)
+            del ss
         keep = _keep_kth(held, k) if N <= small else _keep_held(held, k, sample_size, cap)
         return [keep] if len(sizes) == 1 else list(keep.split(sizes))
     # several tensors, too many scores to hold: never more than one tensor's scores at a time
     get = list(score_fns)
     step = _step(N, sample_size)
-    smp = torch.cat([sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)])
+    smp = [sf(step) if sf is not None else f()[::step] for f,sf in zip(score_fns, sample_fns)]
+    smp = torch.cat([x.to(smp[0].device) for x in smp])
     _check_finite(smp)
     lo,hi = _bracket(smp, k/N)
     del smp
@@ -206,11 +217,14 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         keeps = _cut_at(get, lo, k)
         return keeps if keeps is not None else _select_exact(get, k)
     keeps,cand_s,cand_i,n_lo,n_cand = [],[],[],0,0
-    lebuf = torch.empty(max(sizes), dtype=torch.bool)  # reused by every tensor: no page faults for fresh memory
+    lebuf = None  # on the CPU, reused by every tensor: no page faults for fresh memory
     sb = torch.empty(max(sizes)) if any(getattr(f, 'f_out', None) for f in score_fns) else None
     for li,f in enumerate(score_fns):
         s = f.f_out(sb[:f.numel]) if getattr(f, 'f_out', None) else f()
-        le = torch.le(s, lo, out=lebuf[:s.numel()])
+        if s.device.type == 'cpu':
+            if lebuf is None: lebuf = torch.empty(max(sizes), dtype=torch.bool)
+            le = torch.le(s, lo, out=lebuf[:s.numel()])
+        else: le = torch.le(s, lo)
         nl = int(torch.count_nonzero(le)); n_lo += nl
         ge = torch.ge(s, hi)
         keeps.append(ge)
@@ -218,15 +232,15 @@ def select_keep(score_fns:list, # per tensor, a `ScoreFn` returning its 1-D floa
         n_cand += n_mid
         if n_mid and n_cand <= cap:
             idx = le.logical_or_(ge).logical_not_().nonzero().squeeze(1)
-            cand_s.append(s.index_select(0, idx)); cand_i.append((li, idx))
+            cand_s.append(s.index_select(0, idx).to(keeps[0].device)); cand_i.append((li, idx))
         del s, le
     kk = k - n_lo
     if 0 <= kk <= n_cand <= cap:  # the cut is among the candidates (or just outside them): resolve it there
-        cand = (cand_s[0] if len(cand_s) == 1 else torch.cat(cand_s)) if cand_s else torch.empty(0)
+        cand = (cand_s[0] if len(cand_s) == 1 else torch.cat(cand_s)) if cand_s else torch.empty(0, device=keeps[0].device)
         flags = _keep_kth(cand, kk)  # raises on NaN: a NaN score compares false to both ends, so it is a candidate
         st = 0
         for li,idx in cand_i:
-            keeps[li][idx] = flags[st:st+idx.numel()]; st += idx.numel()
+            keeps[li][idx] = flags[st:st+idx.numel()].to(keeps[li].device); st += idx.numel()
         return keeps
     del keeps, cand_s, cand_i
     if kk < 0 or kk > n_cand:  # the cut is lo or hi itself (a block of ties), or the bracket missed

@@ -111,7 +111,7 @@ def _check_targets(sparsity, context:str):
 # %% ../nbs/04b_sparse_training.ipynb #93433dbd
 class GradualPruning(MaskPolicy):
     "Prune along `schedule` from the model's sparsity to `sparsity`; masks change when the schedule's counts change"
-    _transient = {'_hooks': list, '_rewind': lambda: None}
+    _transient = {'_hooks': list, '_rewind': lambda: None, '_step_grads': lambda: None}
     def __init__(self,
                  sparsity, # target: fraction, percentage in (1, 100], or {layer or tensor name: target}
                  granularity:str='weight', # which weights form a group
@@ -142,7 +142,7 @@ class GradualPruning(MaskPolicy):
         self.granularity,self.context,self.layer_type,self.params,self.include,self.exclude = \
             granularity,context,layer_type,params,include,exclude
         self.lth,self.reset_end,self.ticket_dir,self.loss_func,self.seed = lth,reset_end,ticket_dir,loss_func,seed
-        self.history,self._hooks = [],[]
+        self.history,self._hooks,self._step_grads = [],[],None
 
     def __repr__(self):
         return (f"GradualPruning(sparsity={self.sparsity}, granularity={self.granularity!r}, context={self.context!r}, "
@@ -166,7 +166,7 @@ class GradualPruning(MaskPolicy):
         self._exact = self.granularity == 'weight' and self.nm is None and self.round_to is None
         self.start = sp.mask_zeros(T if self.context == 'global' else self.targets)
         self.history,self._frac,self._settled,self._rewind,self._tickets = [],0.,False,None,0
-        self._restart_data,self._data_checked = False,not self.criteria.needs_data
+        self._restart_data,self._data_checked,self._step_grads = False,not self.criteria.needs_data,None
         self._last = self.counts(0.)
         self._hooks = sp.track_activations() if self.criteria.needs_act else []
         peak = max(float(self.schedule(i / 400)) for i in range(401))
@@ -212,21 +212,40 @@ class GradualPruning(MaskPolicy):
     def reached(self, st) -> bool: return self._last == self.counts(float(self.schedule(1.)))
 
     # ---- events
+    @torch.no_grad()
     def read_grads(self, st):
-        "Accumulate |w*g| for criteria that need gradients (from the first step after an update on)"
+        "Keep |w*g| of this step for criteria that need gradients: the data when the clock counts the step, dropped when it is skipped"
         if not self.criteria.needs_grad or self._settled: return
+        held = {} if self._step_grads is None else self._step_grads   # (a second backward before the step adds to the first)
+        for n,t in st.sparsifier.layers.items():
+            g = t.weight.grad
+            if g is None: continue
+            v = (t.weight.detach().float() * g.float()).abs_()   # as `Sparsifier.accumulate_grad`
+            held[n] = v if n not in held else held[n].add_(v)
+        self._step_grads = held
+        if not self._data_checked: self._check_data(st, 'grad', held)
+
+    def _count_grads(self, st):
+        "The clock counted the step: add its |w*g| to the data (from the first step after an update on)"
+        held,self._step_grads = self._step_grads,None
+        if held is None: return
         sp = st.sparsifier
-        if self._restart_data:  # the data of the last update stays until a new step brings its own
+        if self._restart_data:  # the data of the last update stays until a counted step brings its own
             for n in sp.tensors: sp.state[n].pop('grad', None)
             self._restart_data = False
-        sp.accumulate_grad()
-        if not self._data_checked: self._check_data(st, 'grad')
+        for n,v in held.items():
+            s = sp.state[n]
+            s['grad'] = v if s.get('grad') is None else s['grad'].add_(v)
 
-    def _check_data(self, st, key):
-        "After the first step: every selected tensor got the gradients/inputs its criterion scores with"
+    def on_skip(self, st):
+        "The grad scaler skipped the step: its gradients (scaled, not finite somewhere) are not data"
+        self._step_grads = None
+
+    def _check_data(self, st, key, have:dict=None):
+        "After the first step: every selected tensor got the gradients/inputs its criterion scores with (in `have`, or its state)"
         self._data_checked = True
         sp = st.sparsifier
-        none = [n for n in sp.tensors if sp.state[n].get(key) is None]
+        none = [n for n in sp.tensors if (sp.state[n].get(key) if have is None else have.get(n)) is None]
         if none:
             what = 'gradients' if key == 'grad' else 'inputs'
             raise ValueError(f"criteria {self.criteria.name!r} scores with {what}, but layers {none} got none in the first training "
@@ -237,6 +256,7 @@ class GradualPruning(MaskPolicy):
         "Update when the schedule's counts change (checked every `update_every` steps, and at the last one)"
         if self.lth and self._rewind is None and st.total and st.clock >= self.rewind * st.total: self._keep_rewind(st)
         if self.criteria.needs_act and not self._data_checked: self._check_data(st, '_act_sq')
+        self._count_grads(st)
         if self._settled: return
         ue = self.update_every
         if (ue != 'epoch' and st.clock % ue == 0) or st.clock == st.total: self._update_now(st)

@@ -157,7 +157,7 @@ class Sparsifier:
     def layer_scores(self,
                      n:str, # a selected layer's name
                     ) -> tuple:
-        "Layer `n`'s 1-D float32 group scores as a `ScoreFn`, and a sampler of them for `select_keep` (or None)"
+        "Layer `n`'s 1-D float32 group scores as a `ScoreFn` (on the weight's device), and a sampler of them for `select_keep` (or None)"
         dims,c = self.dims[n],self.criteria
         w = self.view(n, self.tensors[n].weight)
         numel = math.prod(group_shape(w.shape, dims)) if dims else w.numel()
@@ -169,10 +169,10 @@ class Sparsifier:
         f_out = sf = None
         if c.elementwise and not dims and c.normalizer is None:
             wf = w.detach().reshape(-1)
-            sf = lambda step: c(wf[::step], state()).cpu() + 0.0
+            sf = lambda step: c(wf[::step], state()) + 0.0
             if c.f is torch.abs and not c.needs and w.dtype == torch.float32 and w.device.type == 'cpu':
                 f_out = lambda out: torch.abs(wf, out=out)  # magnitude straight into a reused buffer
-        f = ScoreFn(lambda: c.group_scores(w, dims, state()).reshape(-1).cpu(), numel, f_out)
+        f = ScoreFn(lambda: c.group_scores(w, dims, state()).reshape(-1), numel, f_out, w.device)
         return f,sf
 
     def _score_buf(self, fs) -> Tensor:

@@ -4,20 +4,27 @@
 exercises nothing. `CPUMixedPrecision` is fastai's own `MixedPrecision` callback (same events, same fake-optimizer trick to
 detect a skipped step, same `CancelStepException`) with only the device switched: a real float16 autocast on the CPU and a
 real `GradScaler('cpu')`. Started with a scale far too high, the scaled gradients overflow float16 and the scaler itself
-skips the first steps, halving its scale each time, as it does on a GPU."""
+skips the first steps, halving its scale each time, as it does on a GPU. `fp16_scaler` gives fastai's own callback where the
+test device is a CUDA GPU (`FASTSPARSE_TEST_DEVICE=cuda`), and this one on the CPU."""
 import warnings
 import torch
 from torch.amp import GradScaler, autocast
 from fastai.basics import Callback
-from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.fp16 import MixedPrecision, AMPMode
+from devices import ON_CUDA
 
 class CPUMixedPrecision(MixedPrecision):
-    "fastai's fp16 `MixedPrecision` with a real float16 autocast and a real `GradScaler` on the CPU"
+    "fastai's `MixedPrecision` with a real autocast and a real `GradScaler` on the CPU (fp16; `amp_mode='bf16'`: bfloat16, no scaler, as fastai)"
     def before_fit(self):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the CUDA scaler the parent makes first warns that CUDA is absent
-            super().before_fit()
-        self.autocast,self.learn.scaler = autocast('cpu', dtype=torch.float16),GradScaler('cpu', **self.kwargs)
+            super().before_fit()            # (and sets the scaler's `enabled` for the mode)
+        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        self.autocast,self.learn.scaler = autocast('cpu', dtype=dtype),GradScaler('cpu', **self.kwargs)
+
+def fp16_scaler(**kwargs):
+    "fastai's fp16 `MixedPrecision` (what `learn.to_fp16(**kwargs)` adds) on the test device: fastai's own on a GPU, `CPUMixedPrecision` on the CPU"
+    return MixedPrecision(**kwargs) if ON_CUDA else CPUMixedPrecision(**kwargs)
 
 class CountSteps(Callback):
     "Count optimizer steps done and skipped; a skipped step must be a real overflow (a gradient that is not finite)"

@@ -1,4 +1,5 @@
-"Property tests: every context, granularity and target zeros exactly the promised number of groups."
+"""Property tests: every context, granularity and target zeros exactly the promised number of groups, and the masks equal a
+stable sort's. Models and scores live on the test device (`FASTSPARSE_TEST_DEVICE`: the CPU by default, a CUDA GPU with `cuda`)."""
 import math, warnings
 import pytest, torch, torch.nn as nn
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -7,6 +8,7 @@ from fastsparse.select import select_keep, ScoreFn
 from fastsparse.granularity import available_granularities, granularity_dims, group_shape, n_groups
 from fastsparse.criteria import large_final, random_scores, small_final
 from fastsparse.nm import is_nm
+from devices import DEVICE
 
 SETTINGS = dict(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,7 +38,7 @@ def conv_or_linear(draw):
 def test_local_exact(m, data):
     g = data.draw(st.sampled_from(available_granularities(m)))
     s = data.draw(st.floats(0, 1))
-    model = nn.Sequential(m)
+    model = nn.Sequential(m).to(DEVICE)
     sp = Sparsifier(model, g, 'local', large_final, layer_type=type(m))
     dims = granularity_dims(m, g)
     G = n_groups(m.weight.shape, dims)
@@ -55,7 +57,7 @@ def test_global_exact(data):
     if data.draw(st.booleans()):
         with torch.no_grad():
             for l in layers: l.weight.copy_(torch.randint(0, 3, l.weight.shape).float())  # ties across layers
-    model = nn.Sequential(*layers)
+    model = nn.Sequential(*layers).to(DEVICE)
     g = data.draw(st.sampled_from(['weight', 'row', 'column']))
     s = data.draw(st.floats(0, 1))
     crit = data.draw(st.sampled_from([large_final, random_scores, small_final]))
@@ -77,7 +79,7 @@ def test_dict_and_round_to(data):
     g = data.draw(st.sampled_from(['weight', 'filter', 'kernel', 'channel']))
     r = data.draw(st.one_of(st.none(), st.integers(1, 5)))
     targets = {'0': data.draw(st.floats(0, 1)), '2': data.draw(st.floats(0, 1))}
-    sp = Sparsifier(model, g, 'local')
+    sp = Sparsifier(model.to(DEVICE), g, 'local')
     sp.sparsify_model(targets, round_to=r)
     for n, s in targets.items():
         l = sp.layers[n]; dims = sp.dims[n]; mask = sp.masks[f'{n}.weight']
@@ -94,7 +96,7 @@ def test_nm_exact(data):
     n_, m_ = data.draw(st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)]))
     i = m_ * data.draw(st.integers(1, 4))
     torch.manual_seed(data.draw(st.integers(0, 1000)))
-    model = nn.Sequential(nn.Linear(i, data.draw(st.integers(1, 8))), nn.Conv2d(i, 3, data.draw(st.integers(1, 3))))
+    model = nn.Sequential(nn.Linear(i, data.draw(st.integers(1, 8))), nn.Conv2d(i, 3, data.draw(st.integers(1, 3)))).to(DEVICE)
     sp = Sparsifier(model, nm=(n_, m_), layer_type=(nn.Linear, nn.Conv2d))
     frac = data.draw(st.floats(0, 1))
     sp.sparsify_model(frac * (1 - n_ / m_))
@@ -106,7 +108,7 @@ def test_nm_exact(data):
     for n, l in sp.layers.items(): assert is_nm(l.weight, n_, m_, dim=1)
 
 def test_nm_warns_on_indivisible():
-    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2)).to(DEVICE)
     with pytest.warns(UserWarning, match="'0'.*not divisible by 4"):
         sp = Sparsifier(model, nm=True, layer_type=nn.Linear)
     sp.sparsify_model(0.5)
@@ -117,8 +119,8 @@ def test_nm_warns_on_indivisible():
 def test_selection_beyond_2_24():
     "2^24 + 3 scores with a float-count trap: exactness must not depend on float32 counting"
     n = (1 << 24) + 3
-    s = torch.zeros(n); s[::2] = 1.0  # massive ties
-    fns = [ScoreFn(lambda: s, n)]
+    s = torch.zeros(n, device=DEVICE); s[::2] = 1.0  # massive ties
+    fns = [ScoreFn(lambda: s, n, device=DEVICE)]
     for k in [1, n // 2, (1 << 24) + 1]:
         keep = select_keep(fns, k)[0]
         assert int((~keep).sum()) == k
@@ -146,7 +148,7 @@ from fastsparse.checks import as_fraction
 
 def _lowest(s, k):
     "Keep-mask pruning the k lowest of `s`, ties by position: one stable sort (the reference)"
-    keep = torch.ones(s.numel(), dtype=torch.bool)
+    keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
     keep[torch.sort(s, stable=True).indices[:k]] = False
     return keep
 
@@ -189,7 +191,7 @@ def test_matches_sort_reference(data):
         for l in layers:
             if ties == 'few values': l.weight.copy_(torch.randint(-2, 3, l.weight.shape).float())
             elif ties == 'zeros': l.weight[torch.rand_like(l.weight) < 0.5] = 0
-    model = nn.Sequential(*layers)
+    model = nn.Sequential(*layers).to(DEVICE)
     context = data.draw(st.sampled_from(['local', 'global']))
     g = data.draw(st.sampled_from(['weight', 'row', 'column']))
     crit = data.draw(st.sampled_from([large_final, random_scores, small_final]))
@@ -205,7 +207,7 @@ def test_matches_sort_reference(data):
 def test_matches_sort_reference_large(context):
     "Large tensors (over the selection's one-kthvalue size): a ramp of updates, each just above the last one's zeros, equals sorting"
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1100, 1000, bias=False), nn.Linear(300, 200, bias=False), nn.Linear(64, 3, bias=False))
+    model = nn.Sequential(nn.Linear(1100, 1000, bias=False), nn.Linear(300, 200, bias=False), nn.Linear(64, 3, bias=False)).to(DEVICE)
     sp = Sparsifier(model, 'weight', context, large_final, layer_type=nn.Linear)
     for s in [0., 0.3, 0.3001, 0.6, 0.9, 0.9002, 0.9002, 1.]:
         _check_update(sp, s)
@@ -219,9 +221,19 @@ def test_select_keep_large_paths(kw):
     a = torch.randn(600_000).abs(); a[torch.rand(600_000) < 0.7] = 0   # the zeros of masked weights
     b = torch.randint(0, 20, (500_000,)).float()                       # few distinct values
     c = torch.randn(40_000)
-    scores = [a, b, c]
+    scores = [x.to(DEVICE) for x in (a, b, c)]
     flat = torch.cat(scores); N = flat.numel(); n_zero = int((flat == 0).sum())
-    fns = [ScoreFn(lambda s=s: s, s.numel()) for s in scores]
+    fns = [ScoreFn(lambda s=s: s, s.numel(), device=DEVICE) for s in scores]
     for k in [0, 1, n_zero - 1, n_zero, n_zero + 1, n_zero + 1000, N // 2, N - 1, N]:
         got = torch.cat(select_keep(fns, k, **kw))
         assert torch.equal(got, _lowest(flat, k)), k
+
+def test_default_cap_holds_the_widest_bracket():
+    "The candidates between the bracket's ends fit under the default cap at every size (the widest bracket: rank 1/2), so the exact bisection does not run for want of room"
+    from fastsparse.select import _cap, _step, _bracket
+    for N in [1 << 20, 1 << 24, 1 << 28, 402_653_184, 1 << 33]:
+        n_smp = -(-N // _step(N, 1 << 20))
+        smp = torch.arange(n_smp, dtype=torch.float32)   # a sample of distinct scores: the bracket's ends are ranks in it
+        lo, hi = _bracket(smp, 0.5)
+        inside = (hi - lo + 1) / n_smp * N               # scores of all N expected inside the bracket
+        assert 1.5 * inside <= _cap(N), (N, inside, _cap(N))

@@ -1,6 +1,7 @@
 """The guarantees every callback that trains with masks shares (`MaskedTraining`), run over each of them with real fastai
 training on scikit-learn's digits: masks and optimizer state held after every step, the clock (resume, `start_epoch`,
-skipped steps, gradient accumulation), `learn.export`, and a clean Learner however a fit ends."""
+skipped steps, gradient accumulation), `learn.export`, and a clean Learner however a fit ends. Model, data and masks live on
+the test device (`FASTSPARSE_TEST_DEVICE`: the CPU by default, a CUDA GPU with `cuda`)."""
 import hashlib, pickle, time, warnings
 from functools import partial
 import pytest, torch, torch.nn as nn
@@ -16,8 +17,9 @@ from fastsparse.callback import DynamicSparseCallback
 from fastsparse.regularize import RegularizeCallback
 from fastsparse.schedule import linear
 from fastsparse.demo import digits_dls, digits_cnn, digits_mlp
-from cpu_amp import CPUMixedPrecision, CountSteps
+from cpu_amp import fp16_scaler, CountSteps
 from masks_held import masked, check_masks, CheckMasks, SkipSteps
+from devices import DEVICE, ON_CUDA
 
 CONV_LIN = (nn.Conv2d, nn.Linear)
 KINDS = {
@@ -30,7 +32,7 @@ kinds = pytest.mark.parametrize('kind', list(KINDS))
 def learner(model=None, cbs=None, shuffle=True, seed=0, **kw):
     set_seed(seed, reproducible=True)
     model = model if model is not None else digits_cnn(8)
-    return Learner(digits_dls(shuffle=shuffle), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
+    return Learner(digits_dls(shuffle=shuffle, device=DEVICE), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, **kw)
 
 def plain_keys(): return list(digits_cnn(8).state_dict())
 
@@ -99,9 +101,9 @@ def test_skipped_steps_do_not_move_the_clock(kind):
 
 @kinds
 def test_real_grad_scaler_skips_do_not_move_the_clock(kind):
-    "fastai's fp16 AMP on the CPU with a real `GradScaler` whose scale starts too high: it skips the first steps itself"
+    "fastai's fp16 AMP (on the CPU through `cpu_amp`) with a real `GradScaler` whose scale starts too high: it skips the first steps itself"
     cb, chk, cnt = KINDS[kind](), CheckMasks(), CountSteps()
-    learn = learner(cbs=[cb, chk, cnt, CPUMixedPrecision(init_scale=2.**30)])
+    learn = learner(cbs=[cb, chk, cnt, fp16_scaler(init_scale=2.**30)])
     learn.fit(2, 1e-2)
     n = 2 * len(learn.dls.train)
     assert cnt.pred_dtypes == {torch.float16} and cnt.skipped >= 10 and cnt.done + cnt.skipped == n
@@ -125,9 +127,10 @@ def test_export_and_load_learner(kind, tmp_path):
     learn = learner(cbs=[KINDS[kind]()], path=tmp_path)
     learn.fit(1, 1e-2)
     learn.export('export.pkl')
-    learn2 = load_learner(tmp_path/'export.pkl')
+    learn2 = load_learner(tmp_path/'export.pkl', cpu=not ON_CUDA)
     x = learn.dls.valid.one_batch()[0]
     learn.model.eval(); learn2.model.eval()
+    assert all(torch.equal(v, learn2.model.state_dict()[k]) for k, v in learn.model.state_dict().items())
     assert torch.equal(learn.model(x), learn2.model(x))
     digits_cnn(8).load_state_dict(learn.model.state_dict(), strict=True)
 
@@ -191,7 +194,7 @@ def test_fixed_masks_bad_arguments():
     learn = learner(cbs=[FixedSparsityCallback({'0': torch.ones(3, 3, dtype=torch.bool)})])
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(ValueError, match=r"masks\['0'\] has shape \(3, 3\) but 0.weight has shape \(8, 1, 3, 3\)"): learn.fit(1)
-    for k, v in learn.model.state_dict().items(): assert torch.equal(v, before[k])
+    for k, v in learn.model.state_dict().items(): assert torch.equal(v.cpu(), before[k].cpu())  # (the fit moved the model to the device)
 
 # ---- the per-step re-zero: skipped only when a step provably cannot move a zero
 class CheckAfterBatch(Callback):
@@ -306,7 +309,7 @@ def test_optimizer_replaced_mid_epoch_turns_the_rezero_on():
 def test_new_model_between_fits_gets_the_masks():
     "The parameter cache follows `learn.model` itself: a model swapped in between fits is masked"
     torch.manual_seed(0)
-    mask = torch.rand(256, 64) > 0.5
+    mask = (torch.rand(256, 64) > 0.5).to(DEVICE)
     cb, chk = FixedSparsityCallback({'1': mask}), CheckMasks()
     learn = learner(model=digits_mlp(), cbs=[cb, chk])
     with learn.no_logging(): learn.fit(1, 1e-3)
