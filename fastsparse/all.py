@@ -16,6 +16,7 @@ from .tensors import *
 from .calibrate import *
 from .sparsifier import *
 from .sparse_training import *
+from .recipes import *
 from .oneshot import *
 from .training import *
 from .callback import *

@@ -13,8 +13,8 @@ from .checks import check_layer_type, did_you_mean
 from .granularity import get_layout, tensor_layout
 
 # %% auto #0
-__all__ = ['weight_name', 'match_name', 'select_layers', 'WeightTensor', 'model_tensors', 'unreached_tensors', 'select_tensors',
-           'tensors_named', 'resolve_layer', 'find_bn_after']
+__all__ = ['weight_name', 'match_name', 'select_layers', 'WeightTensor', 'model_tensors', 'is_bias_table', 'unreached_tensors',
+           'select_tensors', 'tensors_named', 'resolve_layer', 'find_bn_after']
 
 # %% ../nbs/03b_tensors.ipynb #5a8e83dc
 def weight_name(layer_name:str, # qualified name of a module ('' for the model itself)
@@ -140,6 +140,11 @@ def _match_any(names, pats) -> bool:
     "Whether one of `names` is one of `pats` or matches one of them"
     return any(match_name(n, pats) for n in names)
 
+def is_bias_table(t:WeightTensor, # a weight tensor
+                 ) -> bool:
+    "Whether `t` is an embedding of width 1: one scalar per token, a bias (collaborative filtering's user and item biases)"
+    return isinstance(t.module, (nn.Embedding, nn.EmbeddingBag)) and t.weight.dim() == 2 and t.weight.shape[1] == 1
+
 def _typed(t:WeightTensor, layer_type) -> bool:
     "Whether `t`'s module, the module where it is registered, a module it is tied to, or the attention it serves is of `layer_type`"
     if layer_type is None: return True
@@ -156,7 +161,7 @@ def unreached_tensors(model:nn.Module, # the model
     mods = {t.module_name for t in selected.values()}
     near = lambda mn: any(mn == s or not mn or s.startswith(f"{mn}.") or mn.startswith(f"{s}.") for s in mods)
     return [t for t in model_tensors(model) if t.name not in names and t.weight.dim() >= 2
-            and near(t.module_name) and not _match_any(_names(t), skip)]
+            and near(t.module_name) and not _match_any(_names(t), skip) and not is_bias_table(t)]
 
 def select_tensors(model:nn.Module, # the model to search
                    layer_type=nn.Conv2d, # class or tuple of classes (isinstance): all their weight tensors; None: any
@@ -186,7 +191,7 @@ def select_tensors(model:nn.Module, # the model to search
                 raise ValueError(f"include: {p!r} matches only layers that layer_type={layer_type!r} leaves out: "
                                  f"{', '.join(f'{t.module_name} ({t.kind})' for t in hits)}; add their type to layer_type, "
                                  "or pass layer_type=None")
-        chosen = [t for t in every if _typed(t, layer_type)]
+        chosen = [t for t in every if _typed(t, layer_type) and not is_bias_table(t)]
     res = {t.key:t for t in chosen if (not include or _match_any(_names(t), include)) and not _match_any(_names(t), exclude)}
     if not res:
         kinds = sorted({t.kind for t in every})
