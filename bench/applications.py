@@ -21,7 +21,8 @@ Python's own documentation).
     python bench/applications.py                         # all applications, 3 seeds (about 40 minutes on 2 CPU cores)
     python bench/applications.py --apps collab_dot --seeds 1
     python bench/applications.py --quick                 # tiny: one seed, one level, one epoch
-    python bench/applications.py --json out.json         # also write the raw results (the docs page plots them)
+
+A full run writes `bench/results/applications.md`, `.png` and `.json` (the raw rows; the docs page Which settings plots them).
 """
 import argparse, copy, json, math, os, re, sys, time, warnings
 from functools import partial
@@ -33,6 +34,7 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401
 from fastsparse.callback import SparsifyCallback
 from fastsparse.recipes import recommended
 from fastsparse.demo import digits_data, digits_dls
+from common import parser, start
 
 LEVELS = (0.5, 0.7, 0.9)
 
@@ -202,22 +204,19 @@ def width_for(app, target):
     return best[0]
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__, quick='one seed, one level (0.7), one epoch, vision and collab_dot only')
     ap.add_argument('--apps', default=','.join(APPS))
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--levels', default=','.join(map(str, LEVELS)))
-    ap.add_argument('--quick', action='store_true', help='one seed, one level (0.7), one epoch, vision and collab_dot only')
-    ap.add_argument('--json', default=None, help='write the raw rows to this file')
     a = ap.parse_args()
+    run_ = start('applications', a)
     apps, levels, seeds = a.apps.split(','), [float(s) for s in a.levels.split(',')], a.seeds
     if a.quick: apps, levels, seeds = [x for x in apps if x in ('vision', 'collab_dot')], [0.7], 1
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; seeds {seeds}; levels {levels}", flush=True)
+    print(f"seeds {seeds}; levels {levels}; applications {apps}", flush=True)
     rows = []
     for name in apps:
         app = APPS[name]
         epochs = 1 if a.quick else app.epochs
-        dense_n = n_params(app.learner(1.0, 0).model)
         def add(config, level, width, cb_fn, seed):
             r = run(app, width, seed, cb_fn() if cb_fn else None, epochs)
             rows.append(dict(app=name, config=config, level=level, width=width, seed=seed, **r))
@@ -225,7 +224,6 @@ def main():
                   f"nonzero {r['nonzero']:,} {r['seconds']:.1f}s", flush=True)
         for seed in range(seeds): add('dense', 0., 1.0, None, seed)
         for s in levels:
-            sp = [x for x in rows if x['app'] == name and x['config'] == 'dense'][0]
             for seed in range(seeds):
                 add('default', s, 1.0, lambda: SparsifyCallback(s, layer_type=app.layer_type), seed)
                 add('recommended', s, 1.0, lambda: SparsifyCallback(s, **recommended(app.kind)), seed)
@@ -233,8 +231,47 @@ def main():
             w = width_for(app, kept)
             for seed in range(seeds): add('small-dense', s, w, None, seed)
     df = pd.DataFrame(rows)
-    if a.json: df.to_json(a.json, orient='records', indent=1)
-    summary(df)
+    verdicts = summary(df)
+    if run_.out is not None:
+        run_.out.mkdir(parents=True, exist_ok=True)
+        df.to_json(run_.out/'applications.json', orient='records', indent=1)
+    loses = verdicts[~verdicts.wins]
+    run_.write(
+        title="Large-sparse against small-dense across fastai's applications",
+        intro=INTRO, summary=verdicts.drop(columns='wins'), fig=plot(df),
+        reading=("How to read it: `vs small-dense` is the recommended settings' metric minus small-dense's at the same "
+                 "non-zero parameters (for collaborative filtering, where the metric is an MSE, small-dense's minus the "
+                 "recommended's): positive means the large sparse model wins. "
+                 + ("The recommended settings are behind small-dense at: " + ', '.join(f"{r.app} {r.level}" for r in loses.itertuples())
+                    + ". There a narrower dense model does as well with the same non-zeros, and it runs faster without sparse kernels."
+                    if len(loses) else "The recommended settings win or tie against small-dense everywhere.")
+                 + f" Means over {seeds} seed(s); `sd` columns are the standard deviation over seeds. The raw rows are in "
+                 "`bench/results/applications.json`; the docs page Which settings plots them."))
+
+INTRO = """`bench/applications.py` trains each of fastai's applications on data that ships with a dependency: the dense
+model, a narrower dense model with about as many parameters as the sparse model keeps (small-dense), and the model made
+sparse by `SparsifyCallback` at 50%, 70% and 90% of its selected weights, with the library's defaults (`default`) and with
+`recommended(kind)` from `fastsparse.recipes`. Metric: validation accuracy (higher is better), or validation MSE for
+collaborative filtering (lower is better)."""
+
+def plot(df):
+    "Metric against non-zero parameters per application: dense, small-dense, default and recommended at each level"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    g = df.groupby(['app', 'config', 'level']).agg(metric=('metric', 'mean'), nonzero=('nonzero', 'mean')).reset_index()
+    apps = list(dict.fromkeys(df.app))
+    fig, axs = plt.subplots(1, len(apps), figsize=(3.2*len(apps), 3), layout='constrained', squeeze=False)
+    for ax, app in zip(axs[0], apps):
+        d = g[g.app == app]
+        for cfg, style in [('small-dense', 's--'), ('default', 'v:'), ('recommended', 'o-')]:
+            c = d[d.config == cfg].sort_values('nonzero')
+            ax.plot(c.nonzero, c.metric, style, label=cfg)
+        dn = d[d.config == 'dense']
+        ax.plot(dn.nonzero, dn.metric, 'k*', ms=10, label='dense')
+        ax.set_xscale('log'); ax.set_title(app, fontsize=9); ax.set_xlabel('non-zero parameters', fontsize=8)
+        ax.set_ylabel('valid MSE (lower is better)' if APPS[app].lower_is_better else 'valid accuracy', fontsize=8)
+    axs[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1), frameon=False)
+    return fig
 
 def summary(df):
     "Per application and level: mean metric of each config over seeds, and whether `recommended` is at least as good as small-dense"
@@ -243,13 +280,17 @@ def summary(df):
                                                     seconds=('seconds', 'mean')).reset_index()
     pd.set_option('display.width', 200)
     print(g.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\nrecommended vs small-dense at the same non-zeros (3-seed means; MSE for collab: lower is better)")
+    print("\nrecommended vs small-dense at the same non-zeros (means over seeds; MSE for collab: lower is better)")
+    out = []
     for (app, lvl), d in g[g.level > 0].groupby(['app', 'level']):
-        m = d.set_index('config').metric
+        m, sd = d.set_index('config').metric, d.set_index('config').sd
         low = APPS[app].lower_is_better
-        ok = (m['recommended'] <= m['small-dense']) if low else (m['recommended'] >= m['small-dense'])
+        diff = (m['small-dense'] - m['recommended']) if low else (m['recommended'] - m['small-dense'])
         dense = g[(g.app == app) & (g.config == 'dense')].metric.iloc[0]
         print(f"{app:12s} {lvl:.0%}: dense {dense:.4f}  small-dense {m['small-dense']:.4f}  default {m['default']:.4f}  "
-              f"recommended {m['recommended']:.4f}  -> {'wins or ties' if ok else 'LOSES'}")
+              f"recommended {m['recommended']:.4f}  -> {'wins or ties' if diff >= 0 else 'LOSES'}")
+        out.append(dict(app=app, level=f"{lvl:.0%}", dense=dense, **{'small-dense': m['small-dense'], 'default': m['default'],
+                        'recommended': m['recommended'], 'sd': sd['recommended'], 'vs small-dense': diff}, wins=diff >= 0))
+    return pd.DataFrame(out)
 
 if __name__ == '__main__': main()
