@@ -8,9 +8,13 @@
 4. scikit-learn's digits, trained sparse with `SparsifyCallback`: validation accuracy of the fp32 model, of the
    deployed model (the chosen mix, and every Linear in int8), and of the model loaded from its int8 file.
 
-Timings are medians of interleaved calls on a fixed number of CPU threads; the script prints the machine's load and
-the other processes using the CPU when it starts and ends, since they share its cores.
-Usage: python bench/deploy.py [--quick] [--threads 1] [--repeats 30] [--only kernels,mlp,digits]
+Timings are medians of rounds in which every form runs once, in an order shuffled every round (seeded), on torch's
+default number of CPU threads (`--threads` pins another); a model that is the same computation as another (the mix
+when it chose one form for every layer) is reported as identical to it, not timed again. The script prints the
+machine's load and the other processes using the CPU when it starts and ends, since they share its cores.
+
+    python bench/deploy.py                   # writes bench/results/deploy.md and deploy.png
+    python bench/deploy.py --quick --out /tmp/d   # a smoke run: small sizes, few repeats
 """
 import argparse, copy, os, platform, statistics, subprocess, tempfile, time, warnings
 from pathlib import Path
@@ -20,6 +24,7 @@ from fastsparse.sparsifier import Sparsifier
 from fastsparse.export import (to_sparse_inference, time_inference, save_compressed, load_compressed, size_report,
                                SparseLinear, Int8Linear, quantize_int8, time_calls)
 from fastsparse.export.timing import max_rel_error
+from common import parser, start
 
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by an import in fastai
@@ -45,7 +50,7 @@ def masked_linear(ni, no, sp, seed=0):
     return lin
 
 def bench_kernels(a):
-    d = 1024 if a.quick else 4096
+    d = 256 if a.quick else 4096
     section(f"1. Kernels for one {d}x{d} Linear layer (CPU)")
     rows = []
     for sp in (0.7, 0.9):
@@ -71,13 +76,12 @@ def bench_kernels(a):
             x = torch.randn(bs, d)
             fns = {'dense fp32': lambda: lin(x), **{k:(lambda m=m: m(x)) for k,m in cands.items()}}
             if qn is not None: fns['qnnpack sparse int8'] = lambda: torch.ops.sparse.qlinear_dynamic(x, qn)
-            old_t,old_e = torch.get_num_threads(),torch.backends.quantized.engine
-            torch.set_num_threads(a.threads)
+            old_e = torch.backends.quantized.engine
             try:
                 # QNNPACK's sparse op runs under its own engine; the others do not read the setting
                 if qn is not None: torch.backends.quantized.engine = 'qnnpack'
                 ts = time_calls(fns, n=a.repeats, warmup=3)
-            finally: torch.set_num_threads(old_t); torch.backends.quantized.engine = old_e
+            finally: torch.backends.quantized.engine = old_e
             with torch.inference_mode():
                 ref = lin(x)
                 errs = {k:max_rel_error(m(x), ref) for k,m in cands.items()}
@@ -87,6 +91,7 @@ def bench_kernels(a):
                                  error=errs.get(k, 0. if k == 'dense fp32' else float('nan'))))
     df = pd.DataFrame(rows)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    a.kernels = df
     print("\nerror: max |output - dense output| / max |dense output| on that input (CSR is exact up to rounding)")
 
 def mlp(sp, widths=(2048, 4096, 4096, 1000)):
@@ -98,37 +103,34 @@ def mlp(sp, widths=(2048, 4096, 4096, 1000)):
     return m
 
 def bench_mlp(a):
-    widths = (512, 1024, 1024, 250) if a.quick else (2048, 4096, 4096, 1000)
+    widths = (256, 512, 512, 128) if a.quick else (2048, 4096, 4096, 1000)
     section(f"2. MLP {'-'.join(map(str, widths))}, every layer masked: dense, CSR only, int8 only, the chosen mix (CPU)")
     summary,sizes = [],[]
     for sp in (0.7, 0.9):
         masked = mlp(sp, widths)
         for bs in (1, 32):
             x = torch.randn(bs, widths[0])
-            kw = dict(n=max(5, a.repeats//3), num_threads=a.threads)
+            kw = dict(n=max(5, a.repeats//3))
             csr,_ = to_sparse_inference(masked, x, forms='csr', min_speedup=1e-9, min_sparsity=0, **kw)
             i8,_ = to_sparse_inference(masked, x, forms='int8', min_speedup=1e-9, **kw)
             mix,rep = to_sparse_inference(masked, x, forms=['csr', 'int8'], **kw)
             print(f"\n{sp:.0%} sparse, batch {bs}: the mix, per layer")
             print(rep.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
             df = time_inference({'dense fp32': masked, 'CSR only': csr, 'int8 only': i8, 'chosen mix': mix}, x,
-                                n=a.repeats, warmup=3, num_threads=a.threads)
+                                n=a.repeats, warmup=3)
             with torch.inference_mode():
                 ref = masked(x)
                 err = {k:max_rel_error(m(x), ref) for k,m in (('dense fp32', masked), ('CSR only', csr), ('int8 only', i8),
                                                               ('chosen mix', mix))}
             df['error'] = df.model.map(err)
-            print(f"\n{sp:.0%} sparse, batch {bs}: whole model ({a.repeats} interleaved runs each, median)")
-            df['speedup_min'] = df.ms_min.iloc[0]/df.ms_min
-            print(df[['model', 'ms', 'speedup', 'ms_min', 'speedup_min', 'error']].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-            s,smin = df.set_index('model').speedup,df.set_index('model').speedup_min
-            best,best_min = max(s['CSR only'], s['int8 only']),max(smin['CSR only'], smin['int8 only'])
-            summary.append(dict(sparsity=f"{sp:.0%}", batch=bs, csr=s['CSR only'], int8=s['int8 only'], mix=s['chosen mix'],
-                                mix_vs_best_single=s['chosen mix']/best, mix_vs_best_single_min=smin['chosen mix']/best_min,
-                                mix_vs_dense_min=smin['chosen mix'],
-                                forms='/'.join(rep.form),
-                                same_model_as={'int8': 'int8 only', 'csr': 'CSR only'}.get(rep.form.iloc[0], '-')
-                                if rep.form.nunique() == 1 else '-'))
+            print(f"\n{sp:.0%} sparse, batch {bs}: whole model ({a.repeats} rounds in shuffled order, median and interquartile range)")
+            print(df[['model', 'ms', 'iqr', 'speedup', 'ms_min', 'error', 'note']].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            s = df.set_index('model').speedup
+            same = df.attrs['identical'].get('chosen mix')
+            best = max(s['CSR only'], s['int8 only'])
+            summary.append({'sparsity': f"{sp:.0%}", 'batch': bs, 'CSR only': s['CSR only'], 'int8 only': s['int8 only'],
+                            'chosen mix': s['chosen mix'], 'mix forms': '/'.join(rep.form),
+                            'mix vs best single form': f"identical to {same}" if same else f"{s['chosen mix']/best:.3f}x"})
         with tempfile.TemporaryDirectory() as d:
             plain = Path(d)/'plain.pt'; torch.save(masked.state_dict(), plain); plain_bytes = plain.stat().st_size
             full = save_compressed(masked, Path(d)/'full.fsz')
@@ -139,10 +141,10 @@ def bench_mlp(a):
         sizes.append({'sparsity': f"{sp:.0%}", 'torch.save': mb(plain_bytes), 'save_compressed': mb(full['file_bytes']),
                       'bits=8': mb(i8f['file_bytes']), 'bits=8 / torch.save': f"{i8f['file_bytes']/plain_bytes:.1%}",
                       'size_report int8_bitmask': mb(sr.int8_bitmask_bytes), 'zeros exact after load': zeros_exact})
-    print("\nsummary: speed-ups over dense fp32 (whole model, medians), and the mix against the best single form (medians, and "
-          "fastest runs: _min);\nsame_model_as: the mix chose that single form for every layer, so the two are the same kernels "
-          "and differ only by timing noise")
+    print("\nsummary: speed-ups over dense fp32 (whole model, medians); the mix against the best single form, or the form it is "
+          "identical to when it chose that form for every layer (then it was not timed again)")
     print(pd.DataFrame(summary).to_string(index=False, float_format=f2))
+    a.mlp = pd.DataFrame(summary)
     section(f"3. File sizes of that MLP")
     print(pd.DataFrame(sizes).to_string(index=False))
 
@@ -160,15 +162,15 @@ def bench_digits(a):
     rows = []
     setups = [('MLP 64-256-256-10', digits_mlp, nn.Linear, 0.9), ('MLP 64-256-256-10', digits_mlp, nn.Linear, 0.7),
               ('CNN (digits_cnn)', digits_cnn, (nn.Conv2d, nn.Linear), 0.7), ('CNN (digits_cnn)', digits_cnn, (nn.Conv2d, nn.Linear), 0.9)]
-    for name,arch,lt,sp in setups:
+    for name,arch,lt,sp in setups[:1] if a.quick else setups:
         torch.manual_seed(0)
         cb = SparsifyCallback(sp, 'weight', 'local', 'large_final', agp.with_pcts(0., 0.75), layer_type=lt)
         learn = Learner(digits_dls(), arch(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cb)
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2 if a.quick else 8, 1e-2)
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1 if a.quick else 8, 1e-2)
         m = learn.model.eval()
         x32 = xv[:32]
-        mix,rep = to_sparse_inference(m, x32, forms=['csr', 'int8'], num_threads=a.threads, n=10)
-        all8,_ = to_sparse_inference(m, x32, forms='int8', min_speedup=1e-9, num_threads=a.threads, n=2)
+        mix,rep = to_sparse_inference(m, x32, forms=['csr', 'int8'], n=10)
+        all8,_ = to_sparse_inference(m, x32, forms='int8', min_speedup=1e-9, n=2)
         with tempfile.TemporaryDirectory() as d:
             info = save_compressed(m, Path(d)/'m.fsz', bits=8)
             m8 = load_compressed(Path(d)/'m.fsz', copy.deepcopy(m))
@@ -178,27 +180,80 @@ def bench_digits(a):
                          int8_file=digits_acc(m8, xv, yv), int8_file_pct=f"{1/info['ratio']:.1%}"))
     df = pd.DataFrame(rows)
     for c in ('chosen_mix', 'every_linear_int8', 'int8_file'): df[f"{c}_drop"] = df.fp32 - df[c]
+    a.digits = df
     print(f"validation set: {len(yv)} images; accuracy as a fraction (one image = {1/len(yv):.4f})")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\nint8_file: weights of 2+ dims (Conv2d too) quantized per output channel by save_compressed(bits=8), "
           "loaded back in fp32; int8_file_pct: its size against torch.save")
 
+INTRO = """`bench/deploy.py` asks which form makes a sparse model fastest and smallest on a CPU. Section 1 times one
+4096x4096 `Linear` layer at 70% and 90% unstructured sparsity in every form there is a kernel for: dense fp32, CSR
+(`SparseLinear`), `Int8Linear` with its two kernels (FBGEMM's packed int8 GEMM and `torch._int_mm`), and two int8
+kernels that fastsparse does not use -- QNNPACK's block-sparse int8 `torch.ops.sparse.qlinear_dynamic`, and torchao's
+`Int8DynamicActivationInt8WeightConfig` when torchao is installed. Section 2 converts an MLP 2048-4096-4096-1000 with
+every layer masked to CSR only, to int8 only (every layer forced to that form) and to the mix
+`to_sparse_inference(model, x, forms=['csr', 'int8'])` chooses layer by layer, and times the four models at batch 1
+and 32, every model once per round in a shuffled order; when the mix chose one form for every layer it *is* that
+model, and it is reported as identical to it. Section 3 saves that MLP; section 4 trains scikit-learn's digits sparse
+with `SparsifyCallback` and checks the accuracy of the deployed models. The [deployment tutorial](tutorial_deploy.md)
+shows the API. The table: speed-ups of the whole MLP over dense fp32 (medians)."""
+
+def plot(mlp):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3), layout='constrained')
+    labels = [f"{r.sparsity}, batch {r.batch}" for r in mlp.itertuples()]
+    w = 0.27
+    for i, (col, c) in enumerate((('CSR only', 'tab:blue'), ('int8 only', 'tab:orange'), ('chosen mix', 'tab:green'))):
+        ax.bar([j + (i - 1)*w for j in range(len(mlp))], mlp[col], w, label=col, color=c)
+    ax.axhline(1, color='k', lw=0.8); ax.set_xticks(range(len(mlp)), labels, fontsize=8)
+    ax.set_ylabel('speed-up over dense fp32', fontsize=8); ax.set_title('MLP 2048-4096-4096-1000, every layer masked', fontsize=9)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1), frameon=False)
+    return fig
+
+def reading(a):
+    parts = []
+    if getattr(a, 'kernels', None) is not None:
+        k = a.kernels.set_index(['sparsity', 'batch', 'kernel']).speedup
+        def rng(name): v = [k[i] for i in k.index if i[2] == name]; return f"{min(v):.2f}-{max(v):.2f}x"
+        parts.append(f"- **One layer** (section 1): FBGEMM's int8 kernel runs the layer {rng('int8 fbgemm')} as fast as dense "
+                     f"fp32, CSR {rng('csr')}, `torch._int_mm` {rng('int8 int_mm')}"
+                     + (f", QNNPACK's sparse int8 {rng('qnnpack sparse int8')}" if any(i[2] == 'qnnpack sparse int8' for i in k.index) else '')
+                     + (f", torchao's int8 {rng('torchao int8 dynamic')}" if any(i[2] == 'torchao int8 dynamic' for i in k.index) else '')
+                     + " (ranges over sparsity and batch). CSR has no int8 kernel.")
+    if getattr(a, 'mlp', None) is not None:
+        m = a.mlp
+        ident = m[m['mix vs best single form'].str.startswith('identical')]
+        timed = m[~m['mix vs best single form'].str.startswith('identical')]
+        s = f"- **The mix** (section 2) chose one form for every layer in {len(ident)} of {len(m)} cells, where it is the same model as that form"
+        if len(timed):
+            r = [float(v[:-1]) for v in timed['mix vs best single form']]
+            s += (f"; in the other {len(timed)} it mixes forms and runs at {min(r):.3f}-{max(r):.3f}x the speed of the best single form "
+                  + ("(ahead)" if min(r) > 1 else "(behind)" if max(r) < 1 else "(within the run's noise either way)"))
+        parts.append(s + ".")
+    if getattr(a, 'digits', None) is not None:
+        d = a.digits
+        parts.append(f"- **Accuracy** (section 4): the deployed mix loses at most {d.chosen_mix_drop.max():.4f} of the fp32 "
+                     f"accuracy, every Linear in int8 at most {d.every_linear_int8_drop.max():.4f}, the int8 file at most "
+                     f"{d.int8_file_drop.max():.4f} (one validation image is {1/359:.4f}).")
+    return "How to read it:\n\n" + '\n'.join(parts)
+
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument('--quick', action='store_true'); p.add_argument('--threads', type=int, default=1)
+    p = parser(__doc__)
     p.add_argument('--repeats', type=int, default=30)
     p.add_argument('--only', default='kernels,mlp,digits', help='comma-separated sections to run')
     a = p.parse_args()
+    run = start('deploy', a)
     if a.quick: a.repeats = 5
-    print(f"# fastsparse deploy benchmark\n\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), {a.threads} threads, "
-          f"{a.repeats} timed runs{' (quick)' if a.quick else ''}")
-    torch.set_num_threads(a.threads)  # training in section 4 too
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {a.repeats} timed rounds{' (quick)' if a.quick else ''}")
     machine_load("start")
     t0 = time.time()
     for k,f in (('kernels', bench_kernels), ('mlp', bench_mlp), ('digits', bench_digits)):
         if k in a.only.split(','): f(a)
     print()
     machine_load(f"end ({time.time() - t0:.0f} s)")
+    mlp = getattr(a, 'mlp', None)
+    run.write(title="Deployment on the CPU: sparse, int8, and the mix chosen per layer", intro=INTRO,
+              summary=mlp, fig=plot(mlp) if mlp is not None else None, reading=reading(a))
 
 if __name__ == '__main__': main()

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/07b_export_timing.ipynb #c0b10003
 from __future__ import annotations
-import math, statistics, time
+import math, random, statistics, time
 import pandas as pd
 import torch, torch.nn as nn
 from torch import Tensor
@@ -12,7 +12,8 @@ from ..checks import check_pos_int
 from .counting import count_params
 
 # %% auto #0
-__all__ = ['check_example_input', 'call_model', 'model_device', 'outputs_close', 'max_rel_error', 'time_calls', 'time_inference']
+__all__ = ['check_example_input', 'call_model', 'model_device', 'outputs_close', 'max_rel_error', 'time_calls', 'same_model',
+           'time_inference']
 
 # %% ../../nbs/07b_export_timing.ipynb #c0b10006
 def check_example_input(x, # the input to check
@@ -83,15 +84,17 @@ def time_calls(fns:dict, # name -> zero-argument callable
                n:int=20, # timed calls of each callable
                warmup:int=3, # untimed calls of each first
                device=None, # a CUDA device to synchronize around each call
+               seed:int=0, # seeds the order of the calls in each round
               ) -> dict: # name -> list of `n` times in milliseconds
-    "Time callables interleaved (one call of each in turn), after a warm-up, under `torch.inference_mode`"
+    "Time callables in `n` rounds of one call each, in an order shuffled every round, after a warm-up, under `torch.inference_mode`"
     n,warmup = check_pos_int(n, 'n'),check_pos_int(warmup, 'warmup', 0)
-    ts = {k:[] for k in fns}
+    ts,rng = {k:[] for k in fns},random.Random(seed)
     with torch.inference_mode():
         for _ in range(warmup):
             for f in fns.values(): f()
         for _ in range(n):
-            for k,f in fns.items():
+            for k in rng.sample(list(fns), len(fns)):
+                f = fns[k]
                 _sync(device); t0 = time.perf_counter(); f(); _sync(device)
                 ts[k].append((time.perf_counter() - t0)*1e3)
     return ts
@@ -104,13 +107,45 @@ def _note(total) -> str:
     if P and NZ < 0.99*P: return f'{1-NZ/P:.0%} zeros stored densely: dense speed'
     return 'dense'
 
+def _tensor_eq(a, b) -> bool:
+    "Whether two tensors hold the same values in the same form (dense, CSR, quantized)"
+    if a.layout != b.layout or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device: return False
+    if a.layout == torch.sparse_csr:
+        return all(torch.equal(u, v) for u,v in ((a.crow_indices(), b.crow_indices()), (a.col_indices(), b.col_indices()),
+                                                  (a.values(), b.values())))
+    if a.is_quantized: return torch.equal(a.int_repr(), b.int_repr()) and torch.equal(a.dequantize(), b.dequantize())
+    return torch.equal(a, b)
+
+_SIMPLE = (str, int, float, bool, type(None), tuple)
+def same_model(a:nn.Module, # a model
+               b:nn.Module, # another model
+              ) -> bool: # True when both compute the same thing with the same kernels
+    "Whether two models are the same computation: the same module types in the same places, equal parameters and buffers, equal settings"
+    ma,mb = dict(a.named_modules()),dict(b.named_modules())
+    if list(ma) != list(mb) or any(type(ma[k]) is not type(mb[k]) for k in ma): return False
+    for k,u in ma.items():
+        v = mb[k]
+        ta = {**dict(u.named_parameters(recurse=False)), **dict(u.named_buffers(recurse=False))}
+        tb = {**dict(v.named_parameters(recurse=False)), **dict(v.named_buffers(recurse=False))}
+        if set(ta) != set(tb) or not all((ta[n] is None) == (tb[n] is None) and (ta[n] is None or _tensor_eq(ta[n], tb[n])) for n in ta):
+            return False
+        pa = {n:x for n,x in vars(u).items() if not n.startswith('_') and n != 'training' and isinstance(x, (*_SIMPLE, Tensor))}
+        pb = {n:x for n,x in vars(v).items() if not n.startswith('_') and n != 'training' and isinstance(x, (*_SIMPLE, Tensor))}
+        if set(pa) != set(pb): return False
+        for n,x in pa.items():
+            y = pb[n]
+            if isinstance(x, Tensor) != isinstance(y, Tensor): return False
+            if (not _tensor_eq(x, y)) if isinstance(x, Tensor) else x != y: return False
+    return True
+
 def time_inference(models, # a model, or a dict {name: model}; the first is the baseline
                    x, # an input: tensor, tuple of positional inputs or dict of keyword inputs
                    n:int=20, # timed calls per model
                    warmup:int=3, # untimed calls per model first
                    num_threads:int=None, # CPU threads while timing (None: leave torch's setting)
+                   seed:int=0, # seeds the shuffled order of each round
                   ) -> pd.DataFrame: # one row per model
-    "Median inference time of each model on `x` (interleaved, in eval mode), its speed-up over the first, and an honest note"
+    "Median inference time of each model on `x` (rounds in shuffled order, in eval mode), its spread, its speed-up over the first, and an honest note"
     if isinstance(models, nn.Module): models = {'model': models}
     if not isinstance(models, dict) or not models or not all(isinstance(m, nn.Module) for m in models.values()):
         raise TypeError(f"models must be an nn.Module or a non-empty dict of them, got {type(models).__name__}")
@@ -123,15 +158,23 @@ def time_inference(models, # a model, or a dict {name: model}; the first is the 
         if num_threads is not None: torch.set_num_threads(num_threads)
         for m in models.values(): m.eval()
         dev = model_device(next(iter(models.values())))
-        ts = time_calls({k:(lambda m=m: call_model(m, x)) for k,m in models.items()}, n, warmup, dev)
+        same = {}   # name -> the earlier name of the same computation
+        for i,(k,m) in enumerate(models.items()):
+            same[k] = next((j for j,o in list(models.items())[:i] if same[j] is None and same_model(m, o)), None) \
+                      if i else None
+        timed = {k:m for k,m in models.items() if same[k] is None}
+        ts = time_calls({k:(lambda m=m: call_model(m, x)) for k,m in timed.items()}, n, warmup, dev, seed)
     finally:
         torch.set_num_threads(old)
         for k,m in models.items(): m.train(modes[k])
     rows = []
     for k,m in models.items():
-        cp = count_params(m).iloc[-1]
-        rows.append(dict(model=k, ms=statistics.median(ts[k]), ms_min=min(ts[k]), params=int(cp.params),
-                         nonzero=int(cp.nonzero), note=_note(cp)))
+        cp,t = count_params(m).iloc[-1],ts[same[k] or k]
+        q1,_,q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],)*3
+        note = _note(cp) if same[k] is None else f"identical to {same[k]}: not timed again"
+        rows.append(dict(model=k, ms=statistics.median(t), ms_min=min(t), iqr=q3 - q1, params=int(cp.params),
+                         nonzero=int(cp.nonzero), note=note))
     df = pd.DataFrame(rows)
     df.insert(3, 'speedup', df.ms.iloc[0]/df.ms)
+    df.attrs.update(seed=seed, rounds=n, identical={k:v for k,v in same.items() if v is not None})
     return df
