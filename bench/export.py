@@ -5,8 +5,11 @@
 3. Sizes: in memory, as stored sparse, and saved compressed vs `torch.save(state_dict)`.
 4. On a CUDA GPU: 2:4 semi-structured Linear layers vs dense, in fp16 and bf16.
 
-Timings are medians of interleaved calls (dense and sparse in turn) on a fixed number of CPU threads.
-Usage: python bench/export.py [--quick] [--threads 1] [--repeats 30]
+Timings are medians of rounds in which every model runs once, in an order shuffled every round, on torch's default
+number of CPU threads (`--threads` pins another).
+
+    python bench/export.py                        # writes bench/results/export.md and export.png
+    python bench/export.py --quick --out /tmp/e   # a smoke run: small models, few repeats
 """
 import argparse, copy, io, os, platform, tempfile, time, warnings
 from pathlib import Path
@@ -20,6 +23,9 @@ warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta'
 pd.set_option('display.width', 200); pd.set_option('display.max_columns', 20); pd.set_option('display.max_colwidth', 60)
 
 from fastsparse.demo import small_resnet
+from common import parser, start
+
+HEAD = []   # (model, batch, variant, speed-up over dense)
 
 def resnet(widths=(32, 64, 128, 256), blocks=2, n_out=10):
     "A CIFAR-style ResNet (ResNet-18 layout at the given widths)"
@@ -71,9 +77,9 @@ def bench_cnn(a):
     for bs in (1, 32):
         x = torch.randn(bs, 3, res, res)
         n = max(3, a.repeats // (4 if bs == 32 else 1))
-        df = time_inference({'dense': dense, 'masked 50% filters': masked, 'shrunk': small}, x, n=n, warmup=2,
-                            num_threads=a.threads)
-        print(f"\nbatch {bs} ({n} interleaved runs each, median):")
+        df = time_inference({'dense': dense, 'masked 50% filters': masked, 'shrunk': small}, x, n=n, warmup=2)
+        HEAD.extend(('ResNet, 50% filters', bs, k, v) for k,v in zip(df.model[1:], df.speedup[1:]))
+        print(f"\nbatch {bs} ({n} rounds in shuffled order, median):")
         print(fmt_times(df))
     # the naive recipe: every conv at 50% -- residual-stream filters are coupled and mostly stay
     naive = copy.deepcopy(dense)
@@ -100,13 +106,13 @@ def bench_mlp(a):
     for bs in (1, 32):
         x = torch.randn(bs, 1024)
         n = max(5, a.repeats // (2 if bs == 32 else 1))
-        sparse,rep = to_sparse_inference(masked, x, n=max(5, n//2), num_threads=a.threads)
+        sparse,rep = to_sparse_inference(masked, x, n=max(5, n//2))
         with torch.no_grad(): err = (sparse(x) - masked(x)).abs().max().item()
         print(f"\nbatch {bs}: to_sparse_inference per layer (max |sparse - masked| = {err:.1e}):")
         print(rep.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        df = time_inference({'dense': dense, 'masked 90%': masked, 'sparse (converted)': sparse}, x, n=n, warmup=2,
-                            num_threads=a.threads)
-        print(f"\nbatch {bs}, whole model ({n} interleaved runs each, median):")
+        df = time_inference({'dense': dense, 'masked 90%': masked, 'sparse (converted)': sparse}, x, n=n, warmup=2)
+        HEAD.extend(('MLP, 90% weights', bs, k, v) for k,v in zip(df.model[1:], df.speedup[1:]))
+        print(f"\nbatch {bs}, whole model ({n} rounds in shuffled order, median):")
         print(fmt_times(df))
         out[bs] = sparse
     return dense, masked, out[1]
@@ -123,6 +129,7 @@ def bench_sizes(models):
                              **{'torch.save': mb(info['state_dict_bytes']), 'save_compressed': mb(info['file_bytes']),
                                 'ratio': f"{info['ratio']:.2f}x"}))
     print(pd.DataFrame(rows).to_string(index=False))
+    return pd.DataFrame(rows)
 
 def bench_gpu(a):
     section("4. 2:4 semi-structured Linear vs dense (CUDA)")
@@ -149,22 +156,49 @@ def bench_gpu(a):
                                  sparse_ms=ms, speedup=md/ms, max_abs_err=err))
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
+INTRO = """`bench/export.py` puts the [export](export_package.md) package together: a ResNet-style CNN at 50% filter sparsity,
+shrunk (`shrink`), against the dense one on the CPU at batch 1 and 32; an MLP with 4096-wide layers at 90%
+unstructured sparsity converted with `to_sparse_inference`, at batch 1 and 32; sizes in memory and on disk; and, on a
+CUDA GPU, 2:4 `Linear` layers against dense ones in fp16 and bf16 (skipped without one). The table: speed-ups over
+the dense model (medians of rounds in shuffled order)."""
+
+def plot(head):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3), layout='constrained')
+    labels = [f"{m}\n{v}, batch {b}" for m,b,v,_ in head.itertuples(index=False)]
+    ax.barh(range(len(head)), head.speedup, color=['tab:gray' if v.startswith('masked') else 'tab:green' for v in head.variant])
+    ax.axvline(1, color='k', lw=0.8); ax.set_yticks(range(len(head)), labels, fontsize=7); ax.invert_yaxis()
+    ax.set_xlabel('speed-up over the dense model (CPU)', fontsize=8)
+    return fig
+
+def reading(head, sizes):
+    h = head.set_index(['model', 'batch', 'variant']).speedup
+    masked = [v for (m,b,k),v in h.items() if k.startswith('masked')]
+    shr = [h[('ResNet, 50% filters', b, 'shrunk')] for b in (1, 32)]
+    cv = [h[('MLP, 90% weights', b, 'sparse (converted)')] for b in (1, 32)]
+    mc = sizes.set_index('model')
+    return (f"How to read it:\n\n- **Masked models** run at {min(masked):.2f}-{max(masked):.2f}x the dense speed"
+            + (" -- no faster" if max(masked) < 1.1 else "") + f": their zeros are stored densely (`simulated_sparse` in the sizes table).\n- **Shrinking** the ResNet makes it {shr[0]:.2f}x as fast at batch 1 "
+            f"and {shr[1]:.2f}x at batch 32 (the output's difference from the masked model is printed above).\n- **CSR kernels** make the "
+            f"90% sparse MLP {cv[0]:.2f}x as fast at batch 1 and {cv[1]:.2f}x at batch 32; `save_compressed` writes the masked MLP in "
+            f"{mc.loc['MLP masked 90%', 'save_compressed']} instead of {mc.loc['MLP masked 90%', 'torch.save']} "
+            f"({mc.loc['MLP masked 90%', 'ratio']} smaller). int8, a form that changes outputs, is measured by `bench/deploy.py`.")
+
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--quick', action='store_true', help='small models and few repeats: a smoke run')
-    p.add_argument('--threads', type=int, default=1, help='CPU threads for every timing (default 1)')
+    p = parser(__doc__)
     p.add_argument('--repeats', type=int, default=None, help='timed calls per model (default 30, quick 5)')
     a = p.parse_args()
+    run = start('export', a)
     a.repeats = a.repeats or (5 if a.quick else 30)
-    torch.set_num_threads(a.threads)  # for everything, not only the timings (OpenMP threads spin when the CPUs are shared)
-    print(f"# fastsparse export benchmark{' (--quick)' if a.quick else ''}")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch.set_num_threads({a.threads}) for every timing, {a.repeats} repeats; load average "
-          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"{a.repeats} repeats; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     t0 = time.perf_counter()
     cnn_dense,cnn_small = bench_cnn(a)
     mlp_dense,mlp_masked,mlp_sparse = bench_mlp(a)
-    bench_sizes({'ResNet dense': cnn_dense, 'ResNet shrunk': cnn_small, 'MLP dense': mlp_dense,
-                 'MLP masked 90%': mlp_masked, 'MLP converted (batch 1)': mlp_sparse})
+    sizes = bench_sizes({'ResNet dense': cnn_dense, 'ResNet shrunk': cnn_small, 'MLP dense': mlp_dense,
+                         'MLP masked 90%': mlp_masked, 'MLP converted (batch 1)': mlp_sparse})
     bench_gpu(a)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    head = pd.DataFrame(HEAD, columns=['model', 'batch', 'variant', 'speedup'])
+    run.write(title="Real speed-ups and sizes: shrinking, sparse kernels, compressed files", intro=INTRO, summary=head,
+              fig=plot(head), reading=reading(head, sizes))
