@@ -38,11 +38,17 @@ In that fit the masked weights drift in dense batches (nothing holds them); the 
 the values. fasterai's callback is declared `can_move_zeros = False` there (it only multiplies weights by
 its masks), so fastsparse skips the re-zero after the step as it does in its own run; the script checks it.
 
-    python bench/overhead.py                # 80/90/95/98%, 3 seeds, local and global, fastsparse also at fasterai's counts (30-50 min on a 2-core CPU)
-    python bench/overhead.py --quick        # one level, one seed, few epochs
+    python bench/overhead.py                # 90% and 98%, 3 seeds, local and global, fastsparse also at fasterai's counts
+                                            # (about 6 minutes on 2 cores); writes bench/results/overhead.md
+    python bench/overhead.py --levels 0.8,0.9,0.95,0.98   # more levels
+    python bench/overhead.py --quick --out /tmp/o          # one level, one seed, few epochs: a smoke run
 """
 import argparse, contextlib, io, random, statistics, sys, time, warnings
+import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import pandas as pd
 import torch, torch.nn as nn
+from common import parser, start
 from fastai.basics import Learner, Callback, CrossEntropyLossFlat, accuracy, defaults, set_seed
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401
 from fastai.callback.progress import ProgressCallback
@@ -166,23 +172,21 @@ def alternate(sparsity, seed, a):
     return alt.records
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--levels', default='0.8,0.9,0.95,0.98')
+    ap = parser(__doc__, quick='one level, one seed, few epochs: a smoke run')
+    ap.add_argument('--levels', default='0.9,0.98')
     ap.add_argument('--seeds', type=int, default=3)
-    ap.add_argument('--epochs', type=int, default=10)
-    ap.add_argument('--cost-epochs', type=int, default=30, help='epochs of each fit that measures the cost (AGP over the first half)')
+    ap.add_argument('--epochs', type=int, default=8)
+    ap.add_argument('--cost-epochs', type=int, default=16, help='epochs of each fit that measures the cost (AGP over the first half)')
     ap.add_argument('--lr', type=float, default=1e-2)
     ap.add_argument('--size', type=int, default=16)
     ap.add_argument('--width', type=int, default=32)
-    ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--quick', action='store_true')
     ap.add_argument('--no-matched', dest='matched', action='store_false', help="skip fastsparse at fasterai's counts")
     ap.add_argument('--first-dense', action='store_true', help='keep the first conv dense in both libraries (local context only)')
     ap.add_argument('--no-global', dest='global_', action='store_false', help='skip the runs in global context')
     a = ap.parse_args()
+    run_ = start('overhead', a)
     if a.first_dense: a.global_ = False  # per-layer targets need the local context
-    if a.quick: a.levels, a.seeds, a.epochs, a.cost_epochs = '0.9', 1, 4, 8
-    torch.set_num_threads(a.threads)
+    if a.quick: a.levels, a.seeds, a.epochs, a.cost_epochs, a.global_ = '0.9', 1, 2, 4, False
     defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]
     levels = [float(x) for x in a.levels.split(',')]
     res, cost = {}, {}
@@ -194,7 +198,7 @@ def main():
             for m in methods:
                 r = run(m, lvl, seed, a)
                 res.setdefault((m, lvl), []).append(r)
-                print(f"  {m:<17} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  conv sparsity {r['sparsity']:.5f}", file=sys.stderr, flush=True)
+                print(f"  {m:<17} sparsity {lvl:.2f} seed {seed}: acc {r['acc']:.4f}  conv sparsity {r['sparsity']:.5f}", flush=True)
             recs = alternate(lvl, seed, argparse.Namespace(**{**vars(a), 'epochs': a.cost_epochs}))
             med = lambda v, k: statistics.median(r[k] for r in recs if r['variant'] == v)
             d_batch, d_span = med('dense', 'batch'), med('dense', 'span')
@@ -203,11 +207,11 @@ def main():
                          added=(med(v, 'span') - d_span + med(v, 'outside')) / d_batch, n=sum(r['variant'] == v for r in recs))
                 cost.setdefault((v, lvl), []).append(c)
                 print(f"  alternating sparsity {lvl:.2f} seed {seed}: {v:<10} batch {100*c['time']:+.2f}% over dense ({d_batch*1e3:.2f} ms), "
-                      f"callback {c['cb_us']*1e6:.0f} us, added {100*c['added']:+.2f}% ({c['n']} batches)", file=sys.stderr, flush=True)
+                      f"callback {c['cb_us']*1e6:.0f} us, added {100*c['added']:+.2f}% ({c['n']} batches)", flush=True)
     contexts = ['local'] + (['global'] if a.global_ else [])
     key = lambda m, ctx: m if ctx == 'local' else f"{m}/global"  # the method's name in `res`
     print(f"digits {a.size}x{a.size}, digits_cnn({a.width}), {a.epochs} epochs ({a.cost_epochs} in the fits that measure the cost), "
-          f"one-cycle lr {a.lr}, AGP over 0-50%, {a.seeds} seeds, {a.threads} threads" + (", first conv dense in both" if a.first_dense else ''))
+          f"one-cycle lr {a.lr}, AGP over 0-50%, {a.seeds} seeds, {torch.get_num_threads()} torch threads" + (", first conv dense in both" if a.first_dense else ''))
     acc = lambda m, lvl: statistics.mean(r['acc'] for r in res[(m, lvl)])
     cols = ['fastsparse', 'fasterai'] + (['matched'] if a.matched else [])
     name = {'fastsparse': 'fastsparse', 'fasterai': 'fasterai', 'matched': 'fastsparse@fasterai-counts'}
@@ -243,6 +247,7 @@ def main():
     def paired(f, g, lvl):
         d = [x['acc'] - y['acc'] for x, y in zip(res[(f, lvl)], res[(g, lvl)])]
         return d, statistics.stdev(d) / len(d) ** .5 if len(d) > 1 else float('nan')
+    identical = {}  # context: (pairs bit-identical, pairs)
     for ctx in contexts:
         fai = key('fasterai', ctx)
         print(f"\n{ctx} context:")
@@ -264,6 +269,7 @@ def main():
             same = lambda r, g: r.keys() == g.keys() and all(torch.equal(r[k], g[k]) for k in r)
             pairs = [(f, g) for lvl in levels for f, g in zip(res[(key('matched', ctx), lvl)], res[(fai, lvl)])]
             n_same = sum(same(f['weights'], g['weights']) for f, g in pairs)
+            identical[ctx] = (n_same, len(pairs))
             print(f"fastsparse at fasterai's counts at every step: final weights, BatchNorm statistics included, bit-identical to fasterai's "
                   f"in {n_same} of {len(pairs)} pairs; accuracy equal in {sum(f['acc'] == g['acc'] for f, g in pairs)} of {len(pairs)}")
         for lvl in levels:
@@ -279,5 +285,60 @@ def main():
                 diff, se = paired(key(m, 'global'), m, lvl)
                 parts.append(f"{m} {statistics.mean(diff):+.4f} (standard error {se:.4f}, ahead in {sum(d > 0 for d in diff)} of {len(diff)})")
             print(f"{lvl:.2f}: accuracy " + '; '.join(parts))
+    write(run_, a, levels, contexts, res, cost, identical, acc, cm, allc, key)
+
+INTRO = """`bench/overhead.py` trains a CNN on scikit-learn's digits (16x16) with Adam and a one-cycle policy, dense and made
+sparse by fastsparse and by fasterai 0.4.1 (magnitude, AGP from 0% to 50% of the fit, the conv layers), from the same
+initial weights on the same batch order, per seed. `fastsparse@fasterai-counts` prunes at every update exactly as many
+weights per layer as fasterai does (fasterai keeps every weight at or above its `kthvalue`, one or two more than the
+target): same counts, same weights and batches, so its final weights are compared with fasterai's bit for bit. The
+steady-state cost (masks fixed) is measured inside single fits in which every training batch runs as dense, fastsparse
+or fasterai, in a fresh random order every round of three: separate fits differ by several percent per batch from one
+run to the next (see the run-to-run benchmark), more than the cost itself."""
+
+def write(run_, a, levels, contexts, res, cost, identical, acc, cm, allc, key):
+    "The summary table, the plot and the reading of the run"
+    rows = []
+    for lvl in levels:
+        r = {'sparsity': f"{lvl:.0%}", 'dense acc': acc('dense', lvl)}
+        for ctx in contexts:
+            for m, nm in [('fastsparse', 'fastsparse'), ('fasterai', 'fasterai')]:
+                r[f"{nm} {ctx}"] = acc(key(m, ctx), lvl)
+        r['callback us fastsparse'] = cm('fastsparse', lvl, 'cb_us') * 1e6
+        r['callback us fasterai'] = cm('fasterai', lvl, 'cb_us') * 1e6
+        r['batch over dense fastsparse'] = f"{100*cm('fastsparse', lvl, 'time'):+.2f}%"
+        r['batch over dense fasterai'] = f"{100*cm('fasterai', lvl, 'time'):+.2f}%"
+        rows.append(r)
+    summ = pd.DataFrame(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4), layout='constrained')
+    x = [100 * l for l in levels]
+    ax1.plot(x, [acc('dense', l) for l in levels], 'k*--', label='dense')
+    for ctx, ls in zip(contexts, ['-', ':']):
+        for m, mk in [('fastsparse', 'o'), ('fasterai', 's')]:
+            ax1.plot(x, [acc(key(m, ctx), l) for l in levels], mk + ls, label=f"{m} {ctx}")
+    ax1.set_xlabel('conv sparsity (%)'); ax1.set_ylabel(f'valid accuracy, mean of {a.seeds} seeds'); ax1.legend(fontsize=7)
+    ax1.set_title('accuracy', fontsize=9)
+    w = 0.38
+    for i, (v, what) in enumerate([('fastsparse', 'fastsparse'), ('fasterai', 'fasterai')]):
+        ax2.bar([j + (i - .5) * w for j in range(len(levels))], [100 * cm(v, l, 'added') for l in levels], w, label=what)
+    ax2.axhline(0, color='k', lw=.5)
+    ax2.set_xticks(range(len(levels)), [f"{l:.0%}" for l in levels]); ax2.set_xlabel('conv sparsity')
+    ax2.set_ylabel('added per batch, % of a dense batch'); ax2.legend(fontsize=7)
+    ax2.set_title('steady-state cost (callback, step and zero_grad)', fontsize=9)
+    fs_add, fa_add = allc('fastsparse', 'added'), allc('fasterai', 'added')
+    fs_t, fa_t = allc('fastsparse', 'time'), allc('fasterai', 'time')
+    n = len(fs_t)
+    ident = '; '.join(f"In {ctx} context, fastsparse at fasterai's counts ends bit-identical to fasterai in {k} of {m} runs"
+                      for ctx, (k, m) in identical.items())
+    wins = [(lvl, ctx) for lvl in levels for ctx in contexts if acc(key('fastsparse', ctx), lvl) > acc(key('fasterai', ctx), lvl)]
+    reading = (f"How to read it: accuracies are means over {a.seeds} seeds of separate {a.epochs}-epoch fits. fastsparse at its own "
+               f"(exact) target counts is ahead of fasterai in {len(wins)} of {len(levels) * len(contexts)} level-context cells. "
+               + (ident + ': with the same kept counts the two training rules are the same computation. ' if ident else '')
+               + f"Steady-state cost over {n} alternating fit(s): a fastsparse batch takes {100*statistics.mean(fs_t):+.2f}% "
+               f"more time than a dense one on average (largest {100*max(fs_t):+.2f}%), fasterai's {100*statistics.mean(fa_t):+.2f}% "
+               f"(largest {100*max(fa_t):+.2f}%); what the callback adds after backward (its own time, the step and zero_grad) is "
+               f"{100*statistics.mean(fs_add):+.2f}% for fastsparse and {100*statistics.mean(fa_add):+.2f}% for fasterai. The whole-batch "
+               "figure carries the noise of forward and backward (about 1% per fit); the added figure is the cleaner one.")
+    run_.write(title='Training overhead and accuracy against fasterai', intro=INTRO, summary=summ, reading=reading, fig=fig)
 
 if __name__ == '__main__': main()
