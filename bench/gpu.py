@@ -36,6 +36,7 @@ and which sparse inference form pays.
 import argparse, contextlib, copy, datetime, io, os, platform, random, statistics, subprocess, sys, time, traceback, warnings
 from pathlib import Path
 import torch, torch.nn as nn
+from common import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta')
@@ -449,6 +450,8 @@ dense, and shows the form `to_sparse_inference` picks by measuring (a form that 
 layer dense); then a ResNet whose pruned filters `shrink` removed, against the dense one.
 The script's docstring defines every column.
 
+{_run_line()}
+
 <details markdown="1"><summary>Command and output</summary>
 
 ```text
@@ -458,7 +461,14 @@ $ {cmd}
 
 </details>
 """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(md, encoding='utf-8')
+
+def _run_line():
+    "The stamp line every result file carries"
+    s = stamp()
+    return (f"Run: commit `{s['commit']}`, {s['date']}, {s['cpu']}, {s['threads']} torch threads, python {s['python']}, "
+            f"torch {s['torch']}, fastai {s['fastai']}; environment: {s['conditions']}.")
 
 # ---------------------------------------------------------------- main
 def main():
