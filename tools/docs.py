@@ -8,8 +8,9 @@
 they were executed. One page per notebook, named without its number (`00_granularity.ipynb` -> `granularity.html`);
 `nbs/index.ipynb` is the home page. A page shows a notebook's prose, the parameter cards of what it exports,
 its examples and tests, with their outputs: not the source (nor the outputs) of its exported cells.
-One more page, Benchmarks (`benchmarks.html`), is assembled from `bench/results/<script>.md`: per script with a
-committed result, what it measures, the command and its verbatim output, and how to read it.
+One more page, Benchmarks (`benchmarks.html`), is assembled from `bench/results/<script>.md` (and the plots beside
+them): per script with a committed result, what it measures, its summary table and plot, how to read it, the stamp of
+the run (commit, date, machine, versions) and the command with its verbatim output, folded.
 The site loads nothing from the network, and no page shows a path of the machine it was built on (both checked at
 the end of `build`).
 
@@ -375,14 +376,18 @@ def check_offline(site):
     return bad
 
 # ---------------------------------------------------------------- the Benchmarks page
-BENCH_ORDER = ('overhead', 'run_to_run', 'mask_dtype', 'global_threshold', 'sensitivity', 'dst', 'export')  # then A-Z
+BENCH_ORDER = ('applications', 'overhead', 'update_cost', 'dispatch', 'run_to_run', 'mask_dtype', 'global_threshold', 'sensitivity',
+               'dst', 'oneshot', 'distributed', 'deploy', 'export', 'gpu')  # then A-Z
+STAMP_LINE = re.compile(r'^Run: commit `([0-9a-f]{7,40})`, (\d{4}-\d\d-\d\d) ', re.M)   # what `bench/common.py` writes
 
 BENCH_INTRO = '''# Benchmarks
 
-Each section is one script of `bench/`: what it measures, the command that produced the output shown, the output
-itself as the script printed it, and how to read it. The scripts run on a CPU unless a section says otherwise;
-timings on a shared machine vary from run to run, which is why the scripts interleave what they compare and report
-medians. Run one with `python bench/<script>.py --help` for its options.
+Each section is one script of `bench/`: what it measures, a table of its headline figures and a plot, how to read
+them, the run's stamp (commit, date, CPU and threads, versions, environment), and, folded, the command that produced
+it with its whole output. The scripts run on a CPU unless a section says otherwise, under a user's conditions (torch's
+default threads, glibc's heap settings) unless the stamp says otherwise. Timings on a shared machine vary from run to
+run, which is why the scripts take turns between what they compare, in a shuffled order, and report medians. Run one
+with `python bench/<script>.py --help` for its options, or `--quick` for a smoke run of seconds.
 '''
 
 def bench_results():
@@ -396,6 +401,10 @@ def bench_results():
         if not re.search(rf'^(```|~~~)\w*\n\$ python bench/{re.escape(name)}\.py\b.*\n.+', md, re.M):
             errs.append(f"{where}: no code block starting with the command `$ python bench/{name}.py ...` and its output")
         if not re.match(r'## \S', md): errs.append(f"{where}: must start with a `## Title` line")
+        if not STAMP_LINE.search(md): errs.append(f"{where}: no stamp line `Run: commit `<sha>`, <date> ...` (bench/common.py writes it)")
+        if 'uncommitted' in md.split('<details', 1)[0]: errs.append(f"{where}: produced by code with uncommitted changes")
+        for img in re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', md):
+            if not (RESULTS/img).exists(): errs.append(f"{where}: shows {img}, which is not in bench/results/")
         res.append((name, md))
     if errs: raise SystemExit("Benchmark results:\n  " + '\n  '.join(errs))
     return res
@@ -417,7 +426,8 @@ def machine_paths(site):
 def _sources():
     "sha256 of everything the site is made from: the notebooks, the benchmark results, this file and mkdocs.yml"
     return {p.relative_to(ROOT).as_posix(): _sha(p)
-            for p in [*notebooks(), *sorted(RESULTS.glob('*.md')), Path(__file__).resolve(), ROOT/'mkdocs.yml']}
+            for p in [*notebooks(), *sorted(RESULTS.glob('*.md')), *sorted(RESULTS.glob('*.png')), Path(__file__).resolve(),
+                      ROOT/'mkdocs.yml']}
 
 def site_is_current():
     "Whether `_build/site` was built from the notebooks as they are now (by content, not by date)"
@@ -443,6 +453,7 @@ def build():
         (SRC/f'{name}.md').write_text(nb_to_markdown(read_nb(EXEC/p.name), name), encoding='utf-8')
         nav.append({('Home' if name == 'index' else title): f'{name}.md'})
     (SRC/'benchmarks.md').write_text(benchmarks_md(), encoding='utf-8')
+    for png in RESULTS.glob('*.png'): shutil.copy2(png, SRC/png.name)   # the plots the results show, beside the page
     last_module = max((i for i, (*_, mod) in enumerate(pgs) if mod and mod != 'all'), default=len(pgs) - 1)
     nav.insert(last_module + 1, {'Benchmarks': 'benchmarks.md'})   # after the module pages, before the tutorials
     (SRC/'css'/'pygments.css').write_text(HtmlFormatter(style='default').get_style_defs('.highlight'))
