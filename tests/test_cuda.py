@@ -275,4 +275,5 @@ def test_gpu_benchmark_quick_runs_on_cpu(tmp_path):
     for part in ('1. Training', '2. One mask update', '3. Sparse inference'): assert part in r.stdout, part
     md = out.read_text()
     assert md.startswith('## ') and '<details' in md
+    assert re.search(r'^Run: commit `[0-9a-f]{7,40}', md, re.M), "no stamp line"
     assert re.search(r'^```text\n\$ python bench/gpu\.py --quick --device cpu\b.*\n.+', md, re.M)   # the form the Benchmarks page takes
