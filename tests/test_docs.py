@@ -160,6 +160,9 @@ def test_benchmarks_page(site):
         assert shown, f"benchmarks.html: no code block starting with the command of bench/{name}.py"
         out = re.search(r'^(?:```|~~~)\w*\n\$ python[^\n]*\n(.*?)\n(?:```|~~~)$', md, re.S | re.M).group(1)
         assert out.splitlines()[0].strip() in shown[0], f"benchmarks.html: the output of bench/{name}.py is not under its command"
+        for img in re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', md):
+            assert (site/img).exists() and f'src="{img}"' in page, f"benchmarks.html: the plot {img} of bench/{name}.py is missing"
+        assert re.search(r'Run: commit <code>[0-9a-f]{7,40}</code>', page), "benchmarks.html: no stamp shown"
     nav = re.search(r'<div class="wy-menu wy-menu-vertical".*?</div>', html.unescape(_page_text(site, 'index')), re.S).group(0)
     assert 'href="benchmarks.html"' in nav and '>Benchmarks<' in nav, "the Benchmarks page is not in the navigation"
 
@@ -171,8 +174,17 @@ def test_benchmarks_page_in_browser(browser, server):
     link[0].click()
     assert browser.current_url.endswith('/benchmarks.html')
     assert 'Benchmarks' in browser.find_element(By.CSS_SELECTOR, '[role=main] h1').text
-    pres = [p.text for p in browser.find_elements(By.CSS_SELECTOR, '[role=main] pre')]
-    assert any(p.startswith('$ python bench/') and len(p.splitlines()) > 2 for p in pres), "no command with its output shown"
+    imgs = browser.find_elements(By.CSS_SELECTOR, '[role=main] img')
+    assert imgs, "no plot on the Benchmarks page"
+    broken = [i.get_attribute('src') for i in imgs if not browser.execute_script('return arguments[0].complete && arguments[0].naturalWidth > 0', i)]
+    assert not broken, f"plots that do not load: {broken}"
+    assert browser.find_elements(By.CSS_SELECTOR, '[role=main] table'), "no summary table"
+    summaries = browser.find_elements(By.CSS_SELECTOR, '[role=main] details > summary')
+    assert summaries, "no folded output"
+    assert not [p for p in browser.find_elements(By.CSS_SELECTOR, '[role=main] details pre') if p.is_displayed()], "output shown unfolded"
+    browser.execute_script('arguments[0].scrollIntoView()', summaries[0]); summaries[0].click()
+    pres = [p.text for p in browser.find_elements(By.CSS_SELECTOR, '[role=main] details[open] pre')]
+    assert any(p.startswith('$ python bench/') and len(p.splitlines()) > 2 for p in pres), "no command with its output shown once unfolded"
     assert not errors
 
 def test_no_page_shows_a_machine_path(site):
