@@ -199,7 +199,13 @@ def test_lstm_digits_rows_80pct(tmp_path):
     assert learn.model.state_dict().keys() == SeqNet().state_dict().keys()
     SeqNet().load_state_dict(learn.model.state_dict(), strict=True)
     learn.path = tmp_path; learn.export('lstm.pkl')
-    assert load_learner(tmp_path / 'lstm.pkl') is not None
+    loaded = load_learner(tmp_path / 'lstm.pkl')
+    for n, t in cb.sparsifier.tensors.items():   # the exported weights keep exactly the zeros of the trained ones
+        w = loaded.model.get_parameter(t.name)
+        assert int((w == 0).sum()) == round(0.8 * w.numel()) and torch.equal(w, t.weight), n
+    xb = learn.dls.valid.one_batch()[0]
+    learn.model.eval(); loaded.model.eval()
+    with torch.no_grad(): assert torch.equal(loaded.model(xb), learn.model(xb))   # the same outputs, bit for bit
 
 @pytest.mark.parametrize('kind', ['dst', 'fixed'])
 def test_other_callbacks_on_lstm(kind):
