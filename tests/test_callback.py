@@ -184,8 +184,13 @@ def test_updates_only_when_counts_change():
     cb = SparsifyCallback(0.5, 'filter', schedule=linear, layer_type=nn.Linear)
     learn = learner(model=digits_mlp(16), cbs=[cb])
     learn.fit(2, 1e-3)
-    # 16, 16 and 10 rows: the pruned-row counts change at most 8 + 8 + 5 times over 44 steps
-    assert len(cb.history) <= 21
+    # one history entry per step at which a layer's count of pruned rows changes: the linear schedule asks
+    # round(0.5 * t/n * rows) of the 16, 16 and 10 rows after step t of the fit's n = 2 epochs * 22 batches
+    n, rows = 2 * len(learn.dls.train), [16, 16, 10]
+    counts = [tuple(round(0.5 * t / n * r) for r in rows) for t in range(n + 1)]
+    changes = [t for t in range(1, n + 1) if counts[t] != counts[t - 1]]
+    assert n == 44 and changes == [3, 5, 9, 14, 20, 23, 25, 31, 36, 40, 42]
+    assert [h['step'] for h in cb.history] == changes   # the 16-row layers change 8 times, the 10-row one 5 times, twice at the same step
     cb2 = SparsifyCallback(0.5, schedule=linear, layer_type=nn.Linear, update_every='epoch')
     learn = learner(model=digits_mlp(16), cbs=[cb2])
     learn.fit(3, 1e-3)
