@@ -94,31 +94,51 @@ def test_masks_change_and_follow_the_cosine():
     assert plot_history(cb).axes
 
 class GrabGrads(Callback):
-    "Right before our after_backward masks them: keep the dense gradients at update batches, and the masks before the update"
+    """Runs before our callback: at every training batch, the dense gradients (before our `after_backward` masks them),
+    and the masks and weight magnitudes right before our `after_batch` (which drops and regrows there)"""
     order = DynamicSparseCallback.order - 1
-    def before_fit(self): self.checked = 0
     def after_backward(self):
-        cb = dst_cb(self.learn)
-        upd = cb.policy.is_update(cb.core, cb.clock + 1)
-        self.grads = {n: t.weight.grad.abs().clone() for n, t in cb.sparsifier.tensors.items()} if upd else None
-        self.before = {k: v.clone() for k, v in cb.masks.items()}
+        self.grads = {n: t.weight.grad.abs().clone() for n, t in dst_cb(self.learn).sparsifier.tensors.items()}
     def after_batch(self):
+        if not self.training: return
         cb = dst_cb(self.learn)
-        if not self.training or self.grads is None: return
-        for n in cb.sparsifier.layers:
-            m, old, g = cb.masks[f'{n}.weight'], self.before[f'{n}.weight'], self.grads[n]
-            grown, cand = m & ~old, ~old
-            if not grown.any(): continue
-            assert g[grown].min() >= g[cand & ~grown].max()   # RigL: the largest dense gradients were regrown
-            assert (g[cand] > 0).any()                        # and those are real gradients of masked weights
-        self.checked += 1
+        self.before = {k: v.clone() for k, v in cb.masks.items()}
+        self.mags = {n: t.weight.detach().abs().clone() for n, t in cb.sparsifier.tensors.items()}
+
+class CheckRegrowth(Callback):
+    """Runs after our callback: wherever the masks changed, every layer moved the count its history entry says, kept
+    exactly its active count, dropped its smallest-magnitude active weights and regrew its largest dense gradients"""
+    order = DynamicSparseCallback.order + 1
+    def __init__(self, grab): self.grab,self.steps,self.n,self.moved = grab,[],0,0
+    def after_batch(self):
+        if not self.training: return
+        self.n += 1
+        cb, grab = dst_cb(self.learn), self.grab
+        if all(torch.equal(cb.masks[k], grab.before[k]) for k in cb.masks): return
+        self.steps.append(self.n)
+        h = cb.history[-1]
+        assert h['step'] == self.n   # the update recorded is this batch's
+        for n, t in cb.sparsifier.tensors.items():
+            m, old, g, w = cb.masks[t.name], grab.before[t.name], grab.grads[n], grab.mags[n]
+            grown, dropped = m & ~old, old & ~m
+            assert int(m.sum()) == int(old.sum()) == m.numel() - round(0.9 * m.numel()), n   # exactly 10% active, before and after
+            assert int(grown.sum()) == int(dropped.sum()) == h['per_layer'][n], n   # as many regrown as dropped
+            if not grown.any(): continue                               # (a small layer late in the cosine decay)
+            assert w[dropped].max() <= w[old & ~dropped].min(), n      # the smallest magnitudes were dropped
+            assert g[grown].min() >= g[~old & ~grown].max(), n         # the largest dense gradients among the inactive regrew
+            assert (g[grown] > 0).all(), n                             # real gradients of masked weights
+            self.moved += int(grown.sum())
 
 def test_rigl_regrows_largest_dense_gradient():
     grab = GrabGrads()
+    check = CheckRegrowth(grab)
     cb = DynamicSparseCallback(0.9, 'rigl', update_every=3)
-    learn = learner(cbs=[cb, grab])
+    learn = learner(cbs=[cb, grab, check])
     learn.fit(1, 1e-2)
-    assert grab.checked == len(cb.history) > 0
+    n = len(learn.dls.train)
+    # an update every 3 batches until stop_pct=0.75 of the fit, each one seen moving weights
+    assert check.steps == [h['step'] for h in cb.history] == [t for t in range(3, n + 1, 3) if t < 0.75 * n]
+    assert check.moved == sum(h['moved'] for h in cb.history) > 0
 
 
 def test_seeded_and_reproducible():
