@@ -1,4 +1,4 @@
-"""Project rules that hold the notebooks and the package together (see tools/check_nbs.py and DESIGN.md)."""
+"""Project rules that hold the notebooks and the package together (see tools/check_nbs.py)."""
 import json, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
