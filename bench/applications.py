@@ -204,14 +204,14 @@ def width_for(app, target):
     return best[0]
 
 def main():
-    ap = parser(__doc__, quick='one seed, one level (0.7), one epoch, vision and collab_dot only')
+    ap = parser(__doc__, quick='one seed, one level (0.7), one epoch, tabular and collab_dot only')
     ap.add_argument('--apps', default=','.join(APPS))
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--levels', default=','.join(map(str, LEVELS)))
     a = ap.parse_args()
     run_ = start('applications', a)
     apps, levels, seeds = a.apps.split(','), [float(s) for s in a.levels.split(',')], a.seeds
-    if a.quick: apps, levels, seeds = [x for x in apps if x in ('vision', 'collab_dot')], [0.7], 1
+    if a.quick: apps, levels, seeds = [x for x in apps if x in ('tabular', 'collab_dot')], [0.7], 1
     print(f"seeds {seeds}; levels {levels}; applications {apps}", flush=True)
     rows = []
     for name in apps:
