@@ -257,6 +257,14 @@ def main():
     print(f"\nper method and pattern (model weights {wbytes / 2**20:.1f} MiB; peak_extra_MB over it as `of_weights`):")
     with pd.option_context('display.width', 200, 'display.float_format', '{:.4f}'.format):
         print(df[['fidelity', 'seconds', 'peak_extra_MB', 'of_weights', 'held_MB', 'sparsity', 'agree']].to_string())
+    f = df.fidelity
+    print("\ntargets:")
+    for pat in ('50%', '2:4'):
+        print(f"  {pat}: sparsegpt - plain fidelity {f[pat, 'sparsegpt'] - f[pat, 'plain']:+.4f} (>= -0.005: "
+              f"{f[pat, 'sparsegpt'] >= f[pat, 'plain'] - 0.005}); seconds sparsegpt {df.seconds[pat, 'sparsegpt']:.1f} vs plain "
+              f"{df.seconds[pat, 'plain']:.1f} ({df.seconds[pat, 'plain'] / df.seconds[pat, 'sparsegpt']:.2f}x as fast: "
+              f"{df.seconds[pat, 'sparsegpt'] < df.seconds[pat, 'plain']})")
+        print(f"  {pat}: sparsegpt > wanda > magnitude: {f[pat, 'sparsegpt'] > f[pat, 'wanda'] > f[pat, 'magnitude']}")
     env = probe_env(args)
     cond = 'with ' + str(env) if env else "under glibc's defaults"
     print(f"\nSparseGPT at 50% on the model cut to k layers, each in a fresh process warmed up by one dense pass over the "
