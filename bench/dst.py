@@ -192,7 +192,7 @@ def main():
                          'valid loss': g.loss.mean(), 'moved': g.moved.mean(), 'seconds': g.seconds.mean()}).reset_index()
     summ['sparsity'] = summ.sparsity.map(lambda v: f"{v:.0%}")
     summ['moved'] = summ.moved.map(lambda v: '' if np.isnan(v) else f"{v:.3f}")
-    run_.write(title="Dynamic sparse training: SET and RigL against a static mask and gradual pruning", intro=intro(a),
+    run_.write(title="Dynamic sparse training: SET and RigL against a static mask", intro=intro(a),
                summary=summ, fig=plot(sparse, dense), reading=reading(summ, dense, len(a.seeds)))
 
 if __name__ == '__main__': main()

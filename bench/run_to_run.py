@@ -126,6 +126,6 @@ def main():
              f"order) {a.runs} times at once, {a.epochs} epochs each, each run in its own thread with {threads} torch threads, the runs "
              "taking turns one training batch at a time in a fresh random order each round: no two run together. It compares "
              "each run's batch times with the first run's, paired batch by batch, the first epoch (warm-up) left out.")
-    run.write(title="Run-to-run spread of identical fits", intro=intro, summary=summ, fig=plot(ratios), reading=reading)
+    run.write(title="Run-to-run spread of identical training runs", intro=intro, summary=summ, fig=plot(ratios), reading=reading)
 
 if __name__ == '__main__': main()

@@ -169,7 +169,7 @@ def main():
     unif = summ[summ.arm == 'uniform'].set_index('level')['mean accuracy']
     summ['vs uniform'] = summ['mean accuracy'] - summ.level.map(unif)
     summ['level'] = summ.level.map(lambda v: f"{v:.0%}")
-    run.write(title="Sensitivity-derived per-layer targets against uniform, ends-dense and a global threshold", intro=intro(a),
+    run.write(title="Sensitivity-derived per-layer targets", intro=intro(a),
               summary=summ, fig=plot(df), reading=reading(df, a.seeds))
 
 if __name__ == '__main__': main()
