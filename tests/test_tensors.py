@@ -195,7 +195,7 @@ def test_lstm_digits_rows_80pct(tmp_path):
     acc = float(learn.validate()[1])
     for n, t in cb.sparsifier.tensors.items(): assert int((t.weight == 0).sum()) == round(0.8 * t.weight.numel()), n
     assert list(cb.sparsifier.tensors) == ['rnn.weight_ih_l0', 'rnn.weight_hh_l0']
-    assert acc_dense > 0.95 and acc > acc_dense - 0.03, (acc_dense, acc)  # measured: 0.9666 dense, 0.9666 at 80%
+    assert acc_dense > 0.95 and acc > acc_dense - 0.03, (acc_dense, acc)  # 80% sparse within 3 points of dense
     assert learn.model.state_dict().keys() == SeqNet().state_dict().keys()
     SeqNet().load_state_dict(learn.model.state_dict(), strict=True)
     learn.path = tmp_path; learn.export('lstm.pkl')
