@@ -105,13 +105,23 @@ _SPAN_EVENTS = set("after_backward before_step after_step after_cancel_step".spl
 
 class AtFasteraiCounts(GradualPruning):
     "fastsparse's gradual pruning, pruning at every mask update as many weights per layer as fasterai 0.4.1 prunes at that point of training"
-    _pos = 0.
+    _pos, n_iter, n_epoch = 0., None, None  # n_iter, n_epoch: the fit's batches per epoch and epochs (set before the fit)
     def update(self, st, pos):
         self._pos = pos  # fraction of training done: fasterai's `pct_train` at the next batch
         return super().update(st, pos)
+    def fastai_pct(self, pos):
+        "fastai's `pct_train` where fastsparse's clock reads `pos`: set to epoch/n_epoch at each epoch, then summed batch by batch in floating point"
+        i = round(pos * self.n_iter * self.n_epoch)  # training batches done
+        e, j = divmod(i, self.n_iter)
+        pct = e / self.n_epoch
+        for _ in range(j): pct += 1. / (self.n_iter * self.n_epoch)
+        return pct
     def targets_at(self, frac):
         from fasterai.core.schedule import Schedule as FSchedule, sched_agp as f_sched_agp
-        progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(min(1., self._pos), 3))  # our window
+        # fasterai reads its schedule at round(pct_train, 3): where a batch count lands on a half-thousandth exactly (8 epochs
+        # of 22 batches: 11/176 = 0.0625), fastai's summed pct_train rounds the other way than the exact fraction would
+        pct = min(1., self.fastai_pct(self._pos)) if self.n_iter else min(1., self._pos)
+        progress = FSchedule(f_sched_agp, start_pct=self.schedule.start_pct, end_pct=self.schedule.end_pct).progress(round(pct, 3))  # our window
         # fasterai: threshold = kthvalue(k), k = max(1, int(s*n)); keeps scores >= threshold, so prunes k - 1
         if self.context == 'global':  # one threshold over all layers' scores: n is every selected weight
             return (max(1, int(self.sparsity * progress * self._G)) - 1) / self._G
@@ -150,6 +160,7 @@ def run(method, sparsity, seed, a):
         cb = SparsifyCallback(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
         if method == 'matched':  # the same callback with the counts of fasterai
             cb.policy = AtFasteraiCounts(sparsity, 'weight', context, 'large_final', agp.with_pcts(0., 0.5), layer_type=nn.Conv2d)
+            cb.policy.n_iter, cb.policy.n_epoch = len(dls.train), a.epochs
     elif method == 'fasterai': cb = _fasterai_cb(sparsity, context)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[cb] if cb else [])
     _fit(learn, a)
@@ -333,7 +344,10 @@ def write(run_, a, levels, contexts, res, cost, identical, acc, cm, allc, key):
     wins = [(lvl, ctx) for lvl in levels for ctx in contexts if acc(key('fastsparse', ctx), lvl) > acc(key('fasterai', ctx), lvl)]
     reading = (f"How to read it: accuracies are means over {a.seeds} seeds of separate {a.epochs}-epoch fits. fastsparse at its own "
                f"(exact) target counts is ahead of fasterai in {len(wins)} of {len(levels) * len(contexts)} level-context cells. "
-               + (ident + ': with the same kept counts the two training rules are the same computation. ' if ident else '')
+               + (ident + (': with the same kept counts the two training rules are the same computation. '
+                           if all(k == m for k, m in identical.values()) else
+                           ': the runs differ although the kept counts are the same, so the two training rules differ somewhere. ')
+                  if ident else '')
                + f"Steady-state cost over {n} alternating fit(s): a fastsparse batch takes {100*statistics.mean(fs_t):+.2f}% "
                f"more time than a dense one on average (largest {100*max(fs_t):+.2f}%), fasterai's {100*statistics.mean(fa_t):+.2f}% "
                f"(largest {100*max(fa_t):+.2f}%); what the callback adds after backward (its own time, the step and zero_grad) is "
