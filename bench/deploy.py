@@ -228,8 +228,12 @@ def reading(a):
         s = f"- **The mix** (section 2) chose one form for every layer in {len(ident)} of {len(m)} cells, where it is the same model as that form"
         if len(timed):
             r = [float(v[:-1]) for v in timed['mix vs best single form']]
-            s += (f"; in the other {len(timed)} it mixes forms and runs at {min(r):.3f}-{max(r):.3f}x the speed of the best single form "
-                  + ("(ahead)" if min(r) > 1 else "(behind)" if max(r) < 1 else "(within the run's noise either way)"))
+            span = f"{r[0]:.3f}x" if len(r) == 1 else f"{min(r):.3f}-{max(r):.3f}x"
+            s += (f"; in the other {len(timed)} it mixes forms and runs at {span} the speed of the best single form "
+                  + ("(ahead)" if min(r) > 1 else
+                     "(behind: the form each layer runs fastest in alone does not make the fastest whole model there; "
+                     "compare the single forms' speed-ups before deploying a mix)" if max(r) < 1 else
+                     "(within the run's noise either way)"))
         parts.append(s + ".")
     if getattr(a, 'digits', None) is not None:
         d = a.digits
