@@ -1,8 +1,9 @@
 "The README's claim that fastsparse trains as fasterai 0.4.1 does at equal counts, checked bit for bit with the bench's own code."
-import argparse, importlib.util, pathlib
+import argparse, importlib.util, pathlib, sys
 import pytest, torch
 
 import fasterai  # noqa: F401 -- the `bench` extra, which `make test` installs: missing, this fails rather than skips
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]/'bench'))  # the scripts import bench/common.py
 _spec = importlib.util.spec_from_file_location('overhead', pathlib.Path(__file__).parents[1]/'bench'/'overhead.py')
 overhead = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(overhead)
 
@@ -53,3 +54,21 @@ def test_alternating_fit_gates_each_library(monkeypatch):
         ran = [v for l, v in seen if l == lib]
         assert set(ran) == {None, lib} and ran.count(lib) == counts[lib] and ran.count(None) == before
     assert all(r['cb'] > 0 and 0 < r['span'] < r['batch'] for r in recs if r['variant'] != 'dense')
+
+def test_fasterai_schedule_position_is_fastais_pct_train():
+    "fastsparse at fasterai's counts reads the schedule at fastai's own `pct_train` (summed per batch), on every batch of a real fit"
+    from fastai.basics import Learner, Callback, DataLoaders, TfmdDL, MSELossFlat
+    seen = []
+    class Record(Callback):
+        def before_batch(self):
+            if self.training: seen.append(self.pct_train)
+    xs = torch.randn(22 * 4, 2)
+    ds = list(zip(xs, xs.sum(1, keepdim=True)))
+    dls = DataLoaders(TfmdDL(ds, bs=4, shuffle=False), TfmdDL(ds[:4], bs=4))
+    learn = Learner(dls, torch.nn.Linear(2, 1), loss_func=MSELossFlat(), cbs=Record())
+    with learn.no_logging(), learn.no_bar(): learn.fit(8, 1e-3)
+    assert len(seen) == 176
+    pol = overhead.AtFasteraiCounts(0.9)
+    pol.n_iter, pol.n_epoch = 22, 8
+    assert [pol.fastai_pct(i / 176) for i in range(176)] == seen   # bit for bit
+    assert round(seen[11], 3) != round(11 / 176, 3)   # where the exact fraction would read the schedule elsewhere
