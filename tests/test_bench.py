@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH, RESULTS = ROOT/'bench', ROOT/'bench'/'results'
 SCRIPTS = sorted(p.stem for p in BENCH.glob('*.py') if p.stem not in ('common', 'gpu'))  # gpu.py: tests/test_cuda.py runs its CPU smoke run
 STAMP = re.compile(r'^Run: commit `([0-9a-f]{7,40})`, (\d{4}-\d\d-\d\d) ', re.M)
-PRINTS = {'oneshot': ('sparsegpt', 'plain', 'targets:', 'layers:')}   # what a script's output must show besides its stamp
+PRINTS = {'oneshot': ('sparsegpt', 'plain', 'targets:', 'layers:'),
+          'applications': ('recommended vs small-dense', 'collab_dot   70%', 'tabular      70%')}   # what a script's output must show besides its stamp
 
 def test_every_script_is_smoke_tested():
     assert {'applications', 'overhead', 'dispatch', 'deploy', 'export'} <= set(SCRIPTS), SCRIPTS
