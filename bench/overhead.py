@@ -130,10 +130,9 @@ class AtFasteraiCounts(GradualPruning):
 class ZeroCounts(Callback):
     "Each conv layer's count of zero weights in every training batch, once both libraries have updated their masks for it"
     order = 10_000
-    def __init__(self): self.counts = []
-    def before_fit(self): self.counts = []
+    def __init__(self): self.counts = []  # (not reset in before_fit: `validate` runs before_fit too)
     def after_pred(self):  # fastsparse updates after the batch before, fasterai in this batch's before_batch
-        if self.training: self.counts.append(tuple(int((m.weight == 0).sum()) for m in self.model.modules() if isinstance(m, nn.Conv2d)))
+        if self.learn.training: self.counts.append(tuple(int((m.weight == 0).sum()) for m in self.model.modules() if isinstance(m, nn.Conv2d)))
 
 def conv_zeros(model):
     return {n: int((m.weight == 0).sum()) for n,m in model.named_modules() if isinstance(m, nn.Conv2d)}
