@@ -366,8 +366,8 @@ def write(run_, a, levels, contexts, res, cost, identical, acc, cm, allc, key):
                            'the k - 1 that the emulation of its counts prunes; ' + ('in the others the two training rules differ. '
                            if n_counts < n_differ else 'with the same counts at every batch, the two rules are the same computation. '))
                   if ident else '')
-               + f"Steady-state cost over {n} alternating fit(s): a fastsparse batch takes {100*statistics.mean(fs_t):+.2f}% "
-               f"more time than a dense one on average (largest {100*max(fs_t):+.2f}%), fasterai's {100*statistics.mean(fa_t):+.2f}% "
+               + f"Steady-state cost over {n} alternating fit(s): a fastsparse batch's time differs from a dense one's by {100*statistics.mean(fs_t):+.2f}% "
+               f"on average (largest {100*max(fs_t):+.2f}%), fasterai's {100*statistics.mean(fa_t):+.2f}% "
                f"(largest {100*max(fa_t):+.2f}%); what the callback adds after backward (its own time, the step and zero_grad) is "
                f"{100*statistics.mean(fs_add):+.2f}% for fastsparse and {100*statistics.mean(fa_add):+.2f}% for fasterai. The whole-batch "
                "figure carries the noise of forward and backward (about 1% per fit); the added figure is the cleaner one.")
