@@ -3,8 +3,8 @@
 A script builds its parser with `parser(__doc__)` (options `--quick`, `--threads`, `--out`), calls `start(name, args)`
 first (it prints the stamp and from then on keeps a copy of everything printed), and ends with
 `run.write(title=..., intro=..., summary=..., reading=..., fig=...)`. A full run writes `bench/results/<name>.md` (and
-`<name>.png` when there is a plot): the title, what it measures, the summary table of the headline figures, the plot,
-how to read it, the stamp (commit, date, CPU, threads, versions, conditions), and the verbatim output folded under the
+`<name>.png` when there is a plot): the title, the stamp (commit, date, CPU, threads, versions, conditions), what it
+measures, the summary table of the headline figures, the plot, how to read it, and the verbatim output folded under the
 command that produced it. A `--quick` run writes only where `--out` says.
 """
 import argparse, datetime, io, os, platform, shlex, subprocess, sys
@@ -95,7 +95,10 @@ class Run:
         if self.out is None: return None
         self.out.mkdir(parents=True, exist_ok=True)
         s = self.stamp
-        parts = [f"## {title}", intro.strip()]
+        parts = [f"## {title}",
+                 f"Run: commit `{s['commit']}`, {s['date']}, {s['cpu']}, {s['threads']} torch threads, python {s['python']}, "
+                 f"torch {s['torch']}, fastai {s['fastai']}; environment: {s['conditions']}.",
+                 intro.strip()]
         if summary is not None:
             parts.append(summary if isinstance(summary, str) else md_table(summary))
         if fig is not None:
@@ -104,8 +107,6 @@ class Run:
             parts.append(f"![{title}]({self.name}.png)")
         if reading: parts.append(reading.strip())
         if notes: parts.append(notes.strip())
-        parts.append(f"Run: commit `{s['commit']}`, {s['date']}, {s['cpu']}, {s['threads']} torch threads, python {s['python']}, "
-                     f"torch {s['torch']}, fastai {s['fastai']}; environment: {s['conditions']}.")
         out = self.tee.buf.getvalue().rstrip()
         parts.append(f"<details markdown=\"1\"><summary>The command and its whole output</summary>\n\n```text\n$ {s['command']}\n"
                      f"{out}\n```\n\n</details>")
