@@ -433,6 +433,8 @@ def write_result(path, res, a, text, cmd, dev):
     table = '\n'.join(['| what | measured | target |', '| --- | --- | --- |'] + [f"| {w} | {m} | {t} |" for w, m, t in rows])
     md = f"""## On a GPU: training cost, mask updates and sparse inference
 
+{_run_line()}
+
 Measured on {device_name(dev)} with torch {torch.__version__} (CUDA {torch.version.cuda}), commit {_commit()},
 {datetime.date.today().isoformat()}, by `{cmd}` (`tools/gpu_check.sh` runs it after the CUDA tests).
 
@@ -449,8 +451,6 @@ nothing more -- and checks that it zeros exactly round(s*n) weights. Section 3 t
 dense, and shows the form `to_sparse_inference` picks by measuring (a form that is not at least 1.1x faster leaves the
 layer dense); then a ResNet whose pruned filters `shrink` removed, against the dense one.
 The script's docstring defines every column.
-
-{_run_line()}
 
 <details markdown="1"><summary>Command and output</summary>
 
