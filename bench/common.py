@@ -5,7 +5,8 @@ first (it prints the stamp and from then on keeps a copy of everything printed),
 `run.write(title=..., intro=..., summary=..., reading=..., fig=...)`. A full run writes `bench/results/<name>.md` (and
 `<name>.png` when there is a plot): the title, the stamp (commit, date, CPU, threads, versions, conditions), what it
 measures, the summary table of the headline figures, the plot, how to read it, and the verbatim output folded under the
-command that produced it. A `--quick` run writes only where `--out` says.
+command that produced it. A `--quick` run, or a run with any option changed from its default, writes only where
+`--out` says: the published result is always the default run's.
 """
 import argparse, datetime, io, os, platform, shlex, subprocess, sys
 from pathlib import Path
@@ -20,8 +21,13 @@ def parser(doc:str, quick:str='tiny sizes and few repeats: a smoke run of second
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true', help=quick)
     ap.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's own default)")
-    ap.add_argument('--out', default=None, help='folder for the result file (default: bench/results for a full run, none for --quick)')
+    ap.add_argument('--out', default=None, help='folder for the result file (default: bench/results for a run with the default '
+                    'options, none otherwise)')
+    global _PARSER
+    _PARSER = ap
     return ap
+
+_PARSER = None  # the parser `parser` built last: `Run` compares the options given with its defaults
 
 def _git(*args):
     try: return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
@@ -81,13 +87,18 @@ class Run:
         self.name,self.args = name,args
         if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
         self.stamp = stamp()
-        out = args.out if args.out else (None if args.quick else RESULTS)
+        changed = [k for k,v in vars(args).items()
+                   if k not in ('out', 'quick') and _PARSER is not None and v != _PARSER.get_default(k)]
+        out = args.out if args.out else (None if args.quick or changed else RESULTS)
         self.out = Path(out) if out else None
         self.tee = _Tee(sys.stdout); sys.stdout = self.tee
         s = self.stamp
         print(f"commit {s['commit']}, {s['date']}; {s['cpu']}; {s['threads']} torch threads; python {s['python']}, "
               f"torch {s['torch']}, fastai {s['fastai']}; {s['conditions']}" + ('; QUICK (smoke run)' if args.quick else ''),
               flush=True)
+        if changed and not args.out and not args.quick:
+            print(f"options changed from their defaults ({', '.join('--' + k.replace('_', '-') for k in changed)}): "
+                  f"bench/results/{name}.md is left as it is; give --out to keep this run's result", flush=True)
 
     def write(self, title:str, intro:str, summary=None, reading:str='', fig=None, notes:str=''):
         "Write bench/results/<name>.md (and .png): title, intro, summary table, plot, how to read it, stamp, folded output"

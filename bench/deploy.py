@@ -3,7 +3,8 @@
 1. One 4096x4096 Linear layer at 70% and 90% sparsity, batch 1 and 32: dense fp32, CSR, `Int8Linear` with each of
    its kernels, and the int8 alternatives that are not used (torchao if installed, QNNPACK's block-sparse int8).
 2. An MLP 2048-4096-4096-1000 (every layer masked) at 70% and 90%, batch 1 and 32: dense fp32, CSR only, int8 only
-   (every layer forced to that form) and the mix `to_sparse_inference(..., forms=['csr', 'int8'])` chooses.
+   (every layer forced to that form) and the mix `to_sparse_inference(..., forms=['csr', 'int8'])` chooses (each
+   layer's fastest form, unless the model in one of those forms alone runs faster whole).
 3. File sizes of that MLP: `torch.save(state_dict)`, `save_compressed` (bit-exact) and `save_compressed(bits=8)`.
 4. scikit-learn's digits, trained sparse with `SparsifyCallback`: validation accuracy of the fp32 model, of the
    deployed model (the chosen mix, and every Linear in int8), and of the model loaded from its int8 file.
@@ -116,6 +117,9 @@ def bench_mlp(a):
             mix,rep = to_sparse_inference(masked, x, forms=['csr', 'int8'], **kw)
             print(f"\n{sp:.0%} sparse, batch {bs}: the mix, per layer")
             print(rep.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            if rep.attrs.get('whole_model'):
+                print("the whole model, as to_sparse_inference timed it (median ms): "
+                      + ', '.join(f"{k} {v:.3g}" for k,v in rep.attrs['whole_model'].items()))
             df = time_inference({'dense fp32': masked, 'CSR only': csr, 'int8 only': i8, 'chosen mix': mix}, x,
                                 n=a.repeats, warmup=3)
             with torch.inference_mode():
@@ -192,7 +196,8 @@ INTRO = """`bench/deploy.py` asks which form makes a sparse model fastest and sm
 kernels that fastsparse does not use -- QNNPACK's block-sparse int8 `torch.ops.sparse.qlinear_dynamic`, and torchao's
 `Int8DynamicActivationInt8WeightConfig` when torchao is installed. Section 2 converts an MLP 2048-4096-4096-1000 with
 every layer masked to CSR only, to int8 only (every layer forced to that form) and to the mix
-`to_sparse_inference(model, x, forms=['csr', 'int8'])` chooses layer by layer, and times the four models at batch 1
+`to_sparse_inference(model, x, forms=['csr', 'int8'])` chooses (each layer's fastest form; when that mixes forms, it
+times the whole model as the mix and in each form alone, and keeps the fastest), and times the four models at batch 1
 and 32, every model once per round in a shuffled order; when the mix chose one form for every layer it *is* that
 model, and it is reported as identical to it. Section 3 saves that MLP; section 4 trains scikit-learn's digits sparse
 with `SparsifyCallback` and checks the accuracy of the deployed models. The [deployment tutorial](tutorial_deploy.md)
@@ -231,8 +236,8 @@ def reading(a):
             span = f"{r[0]:.3f}x" if len(r) == 1 else f"{min(r):.3f}-{max(r):.3f}x"
             s += (f"; in the other {len(timed)} it mixes forms and runs at {span} the speed of the best single form "
                   + ("(ahead)" if min(r) > 1 else
-                     "(behind: the form each layer runs fastest in alone does not make the fastest whole model there; "
-                     "compare the single forms' speed-ups before deploying a mix)" if max(r) < 1 else
+                     "(behind: to_sparse_inference times the mix whole against each of its forms where it paid, not against every "
+                     "layer forced to one form, as here; compare the single forms' speed-ups before deploying a mix)" if max(r) < 1 else
                      "(within the run's noise either way)"))
         parts.append(s + ".")
     if getattr(a, 'digits', None) is not None:

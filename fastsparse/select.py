@@ -159,10 +159,11 @@ def _keep_held(s:Tensor, # 1-D float scores, all held
     if N > cap and (n_mid := int(torch.count_nonzero(mid))) > cap:  # too many to gather: bisect instead
         _logger.info(f"select_keep: {n_mid} candidates, more than cap={cap}; exact fallback")
         return _select_exact([ScoreFn(lambda: s, N, device=s.device)], k)[0]
-    cand = s.masked_select(mid)
+    cand = s.index_select(0, mid.nonzero().squeeze(1))  # (`masked_select` would allocate 16 bytes per score on the CPU)
+    del mid
     if kk > cand.numel(): return at(hi)
     t = torch.kthvalue(cand, kk).values  # the k-th smallest number
-    keep = torch.gt(s, t)
+    keep = torch.gt(s, t, out=le)  # into `le`'s memory: one byte per score held at a time, beside the scores
     n_le = N - int(torch.count_nonzero(keep))  # numbers up to t, and any NaN (which compares false)
     if n_le > k:  # beyond the k: scores equal to the cut (the last of them in position order stay), or NaN
         eq = torch.eq(s, t).nonzero().squeeze(1)

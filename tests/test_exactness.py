@@ -241,3 +241,27 @@ def test_default_cap_holds_the_widest_bracket():
         lo, hi = _bracket(smp, 0.5)
         inside = (hi - lo + 1) / n_smp * N               # scores of all N expected inside the bracket
         assert 1.5 * inside <= _cap(N), (N, inside, _cap(N))
+
+_HELD_PEAK = r'''
+import resource, torch
+from fastsparse.select import select_keep, ScoreFn
+torch.manual_seed(0)
+w = torch.rand(1 << 20)
+select_keep([ScoreFn(lambda: w, w.numel())], 1 << 19)  # warm, on a sixteenth of the size: kernels loaded
+N = 1 << 24
+s = torch.rand(N)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+keep, = select_keep([ScoreFn(lambda: s, N)], 9 * N // 10)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+assert int((~keep).sum()) == 9 * N // 10
+print((peak - base) / N)
+'''
+
+@pytest.mark.skipif(DEVICE.type != 'cpu', reason='resident memory of the CPU path')
+def test_one_held_tensor_costs_few_bytes_per_score():
+    "Selecting over one held tensor of 16.8M scores adds at most 3 bytes per score (the keep-mask is 1 of them)"
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-c', _HELD_PEAK], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    extra = float(r.stdout.split()[-1])
+    assert extra <= 3, f"{extra:.2f} bytes per score beyond the scores"

@@ -237,6 +237,27 @@ def test_int8_mix_measured_per_layer():
         xi = torch.randn(*shape)
         assert all8(xi).shape == m(xi).shape and max_rel_error(all8(xi), m(xi)) <= 0.1
 
+def test_whole_model_timed_when_layers_end_in_different_forms():
+    "Layer timings need not add up: a mix is timed whole against each of its forms alone, and the fastest comes back"
+    torch.manual_seed(0)
+    two = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 256))
+    Sparsifier(two, 'weight', layer_type=nn.Linear, exclude='2').sparsify_model(0.999)  # CSR far ahead there; layer 2 dense: int8 only
+    x = torch.randn(1, 2048)
+    fast,rep = to_sparse_inference(two, x, forms=['csr', 'int8'], min_speedup=1e-9, n=5)
+    wm = rep.attrs['whole_model']
+    assert set(wm) == {'mix', 'csr', 'int8'} and all(v > 0 for v in wm.values())
+    best = min(wm, key=wm.get)
+    want = {'mix': ['csr', 'int8'], 'csr': ['csr', 'dense'], 'int8': ['int8', 'int8']}[best]
+    assert rep.form.tolist() == want
+    kinds = {'dense': nn.Linear, 'csr': SparseLinear, 'int8': Int8Linear}
+    for (_,r),was in zip(rep.iterrows(), ['csr', 'int8']):
+        assert type(fast.get_submodule(r.layer)) is kinds[r.form]
+        assert r.note.startswith('whole model') == (r.form != was)
+    assert max_rel_error(fast(x), two(x)) <= 0.1
+    _,off = to_sparse_inference(two, x, forms=['csr', 'int8'], min_speedup=1e-9, n=2, whole_model=False)
+    assert off.attrs['whole_model'] == {} and off.form.tolist() == ['csr', 'int8']
+    assert to_sparse_inference(two, x, n=2)[1].attrs['whole_model'] == {}  # one form: nothing to compare
+
 def test_int8_tolerance_and_kernels():
     m = _sparse_mlp(0.7)
     _,rep = to_sparse_inference(m, torch.randn(4, 256), forms='int8', min_speedup=1e-9, n=1, int8_tol=1e-6)

@@ -161,7 +161,8 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
                         rtol:float=1e-4, # relative tolerance of the output check of each layer converted to a sparse form
                         atol:float=1e-5, # absolute tolerance (times max(1, max |output|)); loosened for fp16/bf16
                         int8_tol:float=0.05, # an int8 layer's max |output error| may be at most this fraction of its max |output|; the whole model's, twice this
-                       ) -> tuple: # (converted copy in eval mode, report DataFrame)
+                        whole_model:bool=True, # when the layers end in different forms, also time the whole model in each of those forms alone, and keep the fastest
+                       ) -> tuple: # (converted copy in eval mode, report DataFrame; `attrs['whole_model']`: ms per whole model timed)
     "Convert the Linear layers of a copy of `model` to the form measured fastest on `example_input`, where it pays"
     check_example_input(example_input)
     min_speedup = check_number(min_speedup, 'min_speedup', lo=0, lo_ok=False)
@@ -191,6 +192,9 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
             row = _convert_layer(m, k, l, inputs.get(k), forms, min_speedup, min_sparsity, n, warmup, rtol, atol, int8_tol)
             rows.append(row)
         rows += [_fused_row(k, l) for k,l in fused.items()]
+        whole = {}
+        if whole_model and len({r['form'] for r in rows} - {'dense'}) > 1:  # layers measured alone need not add up
+            m,whole = _whole_model_choice(model, m, rows, example_input, n, warmup)
     finally: torch.set_num_threads(old)
     with torch.inference_mode(): out = call_model(m, example_input)
     if any(r['form'] == 'int8' for r in rows):  # the errors of stacked int8 layers add up
@@ -200,7 +204,35 @@ def to_sparse_inference(model:nn.Module, # a model with sparse Linear layers (ma
                           f"beyond 2*int8_tol={2*int8_tol:g}: pass a smaller int8_tol, or leave 'int8' out of forms")
     elif not outputs_close(out, ref, max(rtol, 1e-3), max(atol, 1e-4))[0]:
         warnings.warn("to_sparse_inference: the converted model's output differs from the original beyond tolerance")
-    return m,pd.DataFrame(rows, columns=['layer', 'shape', 'sparsity', 'form', 'dense_ms', 'form_ms', 'speedup', 'error', 'note'])
+    rep = pd.DataFrame(rows, columns=['layer', 'shape', 'sparsity', 'form', 'dense_ms', 'form_ms', 'speedup', 'error', 'note'])
+    rep.attrs['whole_model'] = whole
+    return m,rep
+
+def _single_form(model, rows, f):
+    "A copy of `model` in eval mode with form `f` in every layer where it paid, and every other layer dense"
+    v = copy.deepcopy(model).eval()
+    for r in rows:
+        if f in r.get('_ms', {}) and r['_ms'][f] is not None:
+            l = v.get_submodule(r['layer'])
+            _set_module(v, r['layer'], Int8Linear(l) if f == 'int8' else SparseLinear(l, f))
+    return v
+
+def _whole_model_choice(model, m, rows, example_input, n, warmup):
+    "Time the mix `m` and the model in each of its forms alone; return the fastest and the ms of each (the rows follow it)"
+    used = [f for f in _FORMS if any(r['form'] == f for r in rows)]
+    cands = {'mix': m, **{f:_single_form(model, rows, f) for f in used}}
+    ts = time_calls({k:(lambda v=v: call_model(v, example_input)) for k,v in cands.items()}, n, warmup, model_device(m))
+    med = {k:statistics.median(t) for k,t in ts.items()}
+    best = min(cands, key=med.get)
+    if best != 'mix':
+        timed = ', '.join(f"{k} {v:.3g} ms" for k,v in med.items())
+        for r in rows:
+            new = best if r.get('_ms', {}).get(best) is not None else 'dense'
+            if new == r['form']: continue
+            r['note'] = f"whole model: {new}, as the model in {best} alone runs fastest ({timed}); " + r['note']
+            if new == 'dense': r.update(form='dense', error=0.)
+            else: r.update(form=new, form_ms=r['_ms'][new], speedup=r['dense_ms']/r['_ms'][new], error=r['_errs'][new])
+    return cands[best],med
 
 _FUSED = (nn.RNNBase, nn.MultiheadAttention)
 
@@ -252,4 +284,6 @@ def _convert_layer(m, k, l, xin, forms, min_speedup, min_sparsity, n, warmup, rt
         notes.insert(0, f"fastest of {measured}" if len(cands) > 1 else f"{best} {row['speedup']:.2f}x")
     else: notes.insert(0, f"best {best}: {row['speedup']:.2f}x < min_speedup" + (f" ({measured})" if len(cands) > 1 else ''))
     row['note'] = '; '.join(notes)
+    row['_ms'] = {f:(med[f] if med['dense']/med[f] >= min_speedup else None) for f in cands}  # None: the form did not pay
+    row['_errs'] = errs
     return row
