@@ -40,7 +40,7 @@ def child(method, layers, sparsity):
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
-    return dict(method=method, weights=N, seconds=dt, extra_bytes_per_weight=(peak - base) / N, zeros=zeros,
+    return dict(method=method, layers=layers, weights=N, seconds=dt, extra_bytes_per_weight=(peak - base) / N, zeros=zeros,
                 exact=zeros == round(sparsity * N), threads=torch.get_num_threads())
 
 def plot(df):
@@ -48,9 +48,10 @@ def plot(df):
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(6.5, 2.6), layout='constrained')
     colors = ['tab:blue' if m == 'fastsparse' else 'tab:gray' for m in df.method]
+    names = [f"{m}, {l} layer{'s' if l > 1 else ''}" for m, l in zip(df.method, df.layers)]
     for ax, col, label in ((axs[0], 'seconds', 'seconds to prune'), (axs[1], 'extra B/weight', 'peak memory added, bytes per weight')):
         ax.barh(range(len(df)), df[col], color=colors)
-        ax.set_yticks(range(len(df)), df.method); ax.invert_yaxis(); ax.set_xlabel(label, fontsize=8)
+        ax.set_yticks(range(len(df)), names, fontsize=8); ax.invert_yaxis(); ax.set_xlabel(label, fontsize=8)
     return fig
 
 def main():
@@ -66,30 +67,37 @@ def main():
         print(json.dumps(child(a.child, a.layers, a.sparsity))); return
     run = start('global_threshold', a)
     if a.quick: a.layers = 2   # several tensors, more scores than one buffer holds: the full run's path
-    rows, skipped = [], []
+    rows, skipped, one = [], [], []  # `one`: the same on one layer, whose scores are selected as one held tensor
     for m in a.methods.split(','):
         if m == 'fasterai' and importlib.util.find_spec('fasterai') is None:
             skipped.append(f"fasterai: skipped, not installed (pip install fasterai)"); print(skipped[-1]); continue
-        cmd = [sys.executable, __file__, '--child', m, '--layers', str(a.layers), '--sparsity', str(a.sparsity)]
-        if a.threads: cmd += ['--threads', str(a.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode: sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for layers, dest in ((a.layers, rows), (1, one)):
+            cmd = [sys.executable, __file__, '--child', m, '--layers', str(layers), '--sparsity', str(a.sparsity)]
+            if a.threads: cmd += ['--threads', str(a.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode: sys.exit(f"{m} failed:\n{out.stderr[-3000:]}")
+            dest.append(json.loads(out.stdout.strip().splitlines()[-1]))
     N = rows[0]['weights']
     want = round(a.sparsity * N)
     ver = importlib.metadata.version('fasterai') if importlib.util.find_spec('fasterai') else 'not installed'
     print(f"Global magnitude pruning at {a.sparsity:.0%} of {a.layers} x Linear(4096, 4096) = {N:,} weights, "
           f"{rows[0]['threads']} torch threads per process; fasterai {ver}")
-    print(f"{'method':<12}{'seconds':>10}{'extra B/weight':>16}{'zeros':>14}{'exact':>7}")
-    for r in rows:
-        print(f"{r['method']:<12}{r['seconds']:>10.2f}{r['extra_bytes_per_weight']:>16.2f}{r['zeros']:>14,}{str(r['exact']):>7}")
-    res = {r['method']: r for r in rows}
+    def table(rs):
+        print(f"{'method':<12}{'seconds':>10}{'extra B/weight':>16}{'zeros':>14}{'exact':>7}")
+        for r in rs:
+            print(f"{r['method']:<12}{r['seconds']:>10.2f}{r['extra_bytes_per_weight']:>16.2f}{r['zeros']:>14,}{str(r['exact']):>7}")
+    table(rows)
+    N1 = one[0]['weights']
+    print(f"\nThe same on 1 x Linear(4096, 4096) = {N1:,} weights (the scores selected as one held tensor)")
+    table(one)
+    res, res1 = {r['method']: r for r in rows}, {r['method']: r for r in one}
     if 'fastsparse' in res:
-        f = res['fastsparse']
-        assert f['zeros'] == want, f"fastsparse pruned {f['zeros']:,} weights, not round(s*N) = {want:,}"
-        print(f"fastsparse: exactly round({a.sparsity:g} x N) = {want:,} zeros")
-    df = pd.DataFrame([dict(method=r['method'], seconds=r['seconds'], **{'extra B/weight': r['extra_bytes_per_weight']},
-                            zeros=f"{r['zeros']:,}", **{'off by': r['zeros'] - want}) for r in rows])
+        for r, n_ in ((res['fastsparse'], N), (res1['fastsparse'], N1)):
+            assert r['zeros'] == round(a.sparsity * n_), f"fastsparse pruned {r['zeros']:,} weights, not round(s*N) = {round(a.sparsity * n_):,}"
+        print(f"fastsparse: exactly round({a.sparsity:g} x N) zeros in both")
+    df = pd.DataFrame([dict(method=r['method'], layers=r['layers'], seconds=r['seconds'],
+                            **{'extra B/weight': r['extra_bytes_per_weight']}, zeros=f"{r['zeros']:,}",
+                            **{'off by': r['zeros'] - round(a.sparsity * r['weights'])}) for r in rows + one])
     if {'fastsparse', 'fasterai'} <= set(res):
         f, o = res['fastsparse'], res['fasterai']
         speed, mem = o['seconds'] / f['seconds'], o['extra_bytes_per_weight'] / max(f['extra_bytes_per_weight'], 1e-9)
@@ -100,12 +108,15 @@ def main():
                    f"({speed:.1f}x {'as long' if speed >= 1 else 'the time: faster'}) and {o['extra_bytes_per_weight']:.2f} bytes per weight. "
                    f"`off by`: the zeros less round({a.sparsity:g} x N) = {want:,}; fastsparse's count is exact (asserted), "
                    + ("fasterai's too." if o['zeros'] == want else
-                      f"fasterai's (a threshold taken from `kthvalue`, then compared) is off by {o['zeros'] - want:+,}."))
+                      f"fasterai's (a threshold taken from `kthvalue`, then compared) is off by {o['zeros'] - want:+,}.")
+                   + f" On one layer ({N1:,} weights, whose scores fastsparse selects as one held tensor) fastsparse adds "
+                     f"{res1['fastsparse']['extra_bytes_per_weight']:.2f} bytes per weight and fasterai "
+                     f"{res1['fasterai']['extra_bytes_per_weight']:.2f}.")
     else:
         f = res['fastsparse']
         reading = (f"How to read it: fastsparse prunes the {N:,} weights in {f['seconds']:.2f} s with {f['extra_bytes_per_weight']:.2f} "
                    f"extra bytes per weight, to exactly round({a.sparsity:g} x N) = {want:,} zeros (asserted). " + ' '.join(skipped))
-    intro = (f"`bench/global_threshold.py` prunes {a.layers} `Linear(4096, 4096)` layer{'s' if a.layers > 1 else ''} ({N / 1e6:.0f}M weights) to "
+    intro = (f"`bench/global_threshold.py` prunes {a.layers} `Linear(4096, 4096)` layer{'s' if a.layers > 1 else ''} ({N / 1e6:.0f}M weights), and one such layer, to "
              f"{a.sparsity:.0%} with one global magnitude threshold, with fastsparse's `Sparsifier` and with fasterai {ver}'s "
              "on the same model, each method in its own process so that the peak memory it adds on top of the model's weights "
              "is measured cleanly (`ru_maxrss`). Time covers building the sparsifier and computing and applying the masks. "
