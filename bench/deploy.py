@@ -235,7 +235,8 @@ def reading(a):
             r = [float(v[:-1]) for v in timed['mix vs best single form']]
             span = f"{r[0]:.3f}x" if len(r) == 1 else f"{min(r):.3f}-{max(r):.3f}x"
             s += (f"; in the other {len(timed)} it mixes forms and runs at {span} the speed of the best single form "
-                  + ("(ahead)" if min(r) > 1 else
+                  + ("(level with it: within 2%)" if all(abs(v - 1) <= 0.02 for v in r) else
+                     "(ahead)" if min(r) > 1 else
                      "(behind: to_sparse_inference times the mix whole against each of its forms where it paid, not against every "
                      "layer forced to one form, as here; compare the single forms' speed-ups before deploying a mix)" if max(r) < 1 else
                      "(within the run's noise either way)"))
